@@ -1,0 +1,1 @@
+"""tokenizers_jax: FlowMo and DetailFlow image tokenizers in JAX/Flax."""

@@ -1,0 +1,174 @@
+"""Strict conversion between PyTorch state dicts and our Flax parameter trees.
+
+A converter is a table of `Rule`s, one per PyTorch key: the path of the Flax parameter it
+fills and the array transform (and its inverse, for export and round-trip tests). Conversion
+checks both directions: every PyTorch key must be consumed, every Flax parameter filled, every
+shape must match; anything else is a `ConversionError` naming the offending keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+Array = np.ndarray
+StateDict = Mapping[str, Array]
+
+
+class ConversionError(ValueError):
+    """A state dict does not match the model it is being converted into."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A torch -> flax array transform and its inverse."""
+
+    forward: Callable[[Array], Array]
+    inverse: Callable[[Array], Array]
+
+
+IDENTITY = Transform(lambda a: a, lambda a: a)
+# nn.Linear weight [out, in] <-> Dense kernel [in, out].
+LINEAR = Transform(lambda a: a.T, lambda a: a.T)
+
+
+def squeeze_leading(ndim_added: int) -> Transform:
+    """Drops `ndim_added` leading size-1 axes (e.g. torch (1, N, D) tokens -> (N, D))."""
+    return Transform(
+        lambda a: a.reshape(a.shape[ndim_added:]),
+        lambda a: a.reshape((1,) * ndim_added + a.shape),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Where one PyTorch tensor goes: a '/'-separated Flax path and a transform."""
+
+    target: str
+    transform: Transform = IDENTITY
+
+
+def linear_rules(torch_prefix: str, flax_prefix: str, bias: bool = True) -> dict[str, Rule]:
+    """Rules for one nn.Linear -> our Dense (kernel transposed)."""
+    rules = {f"{torch_prefix}.weight": Rule(f"{flax_prefix}/kernel", LINEAR)}
+    if bias:
+        rules[f"{torch_prefix}.bias"] = Rule(f"{flax_prefix}/bias")
+    return rules
+
+
+def layer_norm_rules(torch_prefix: str, flax_prefix: str) -> dict[str, Rule]:
+    """Rules for one nn.LayerNorm (weight, bias) -> our LayerNorm (scale, bias)."""
+    return {
+        f"{torch_prefix}.weight": Rule(f"{flax_prefix}/scale"),
+        f"{torch_prefix}.bias": Rule(f"{flax_prefix}/bias"),
+    }
+
+
+def _shape_of(leaf: Any) -> tuple[int, ...]:
+    return tuple(getattr(leaf, "shape", np.shape(leaf)))
+
+
+def _report(kind: str, names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return f"{len(names)} {kind}: {shown}{more}"
+
+
+def torch_to_flax(
+    state_dict: StateDict,
+    rules: Mapping[str, Rule],
+    template: Any,
+    ignore: Callable[[str], bool] = lambda key: False,
+    what: str = "checkpoint",
+) -> dict:
+    """Converts a PyTorch state dict into a Flax params tree shaped like `template`.
+
+    Args:
+      state_dict: torch key -> array (numpy or torch tensor).
+      rules: torch key -> Rule, covering exactly the keys the model needs.
+      template: a params tree (arrays or ShapeDtypeStructs) giving every expected leaf and shape.
+      ignore: keys the caller knowingly drops (e.g. a teacher network not needed for inference).
+      what: a name for error messages.
+    Returns:
+      The params tree with fp32 numpy leaves.
+    Raises:
+      ConversionError: on missing, unexpected or mis-shaped keys, or unfilled parameters.
+    """
+    keys = {k for k in state_dict if not ignore(k)}
+    missing = [k for k in rules if k not in keys]
+    unexpected = [k for k in keys if k not in rules]
+    problems = []
+    if missing:
+        problems.append(_report("keys missing from the " + what, missing))
+    if unexpected:
+        problems.append(_report("unexpected keys in the " + what, unexpected))
+    if problems:
+        raise ConversionError("; ".join(problems))
+
+    flat_template = {"/".join(k): v for k, v in traverse_util.flatten_dict(template).items()}
+    targets = [rule.target for rule in rules.values()]
+    unknown = sorted({t for t in targets if t not in flat_template})
+    if unknown:
+        raise ConversionError(_report("conversion targets not in the model", unknown))
+    duplicated = sorted({t for t in targets if targets.count(t) > 1})
+    if duplicated:
+        raise ConversionError(_report("parameters filled twice", duplicated))
+    unfilled = sorted(set(flat_template) - set(targets))
+    if unfilled:
+        raise ConversionError(_report("model parameters with no source key", unfilled))
+
+    flat = {}
+    mis_shaped = []
+    for key, rule in rules.items():
+        value = rule.transform.forward(to_numpy(state_dict[key]))
+        expected = _shape_of(flat_template[rule.target])
+        if tuple(value.shape) != expected:
+            mis_shaped.append(
+                f"{key} -> {rule.target}: got {tuple(value.shape)}, expected {expected}"
+            )
+            continue
+        flat[tuple(rule.target.split("/"))] = value.astype(np.float32)
+    if mis_shaped:
+        raise ConversionError(_report("mis-shaped tensors", mis_shaped))
+    return traverse_util.unflatten_dict(flat)
+
+
+def flax_to_torch(params: Any, rules: Mapping[str, Rule]) -> dict[str, Array]:
+    """Inverse of `torch_to_flax`: a state dict of numpy arrays with the original key names."""
+    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    return {key: rule.transform.inverse(flat[rule.target]) for key, rule in rules.items()}
+
+
+def to_numpy(value: Any) -> Array:
+    """A torch tensor (any dtype, on CPU) or array-like -> numpy."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def load_torch_file(path: str | os.PathLike) -> dict:
+    """Reads a `torch.save` file on the CPU without executing arbitrary pickled code.
+
+    Only tensors, containers, numbers and `argparse.Namespace` (DetailFlow stores its args)
+    are allowed.
+    """
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "Reading PyTorch checkpoints needs torch (CPU is enough): "
+            "pip install 'tokenizers_jax[convert]'"
+        ) from e
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
