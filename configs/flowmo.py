@@ -60,10 +60,10 @@ def get_config(arg: str = "lo") -> ml_collections.ConfigDict:
         dict(
             time_schedule="fat_lognormal",  # lognormal | fat_lognormal | uniform
             code_dropout=0.1,  # probability of replacing a sample's code by the null code
-            lpips_weight=0.1,  # VGG-LPIPS on the one-step estimate (stage 1A)
-            posttrain=False,  # stage 1B: perceptual loss on an integrated sample
-            posttrain_sample_k=8,  # random Euler steps of the post-training integrator
-            resnet_weight=0.0,  # ResNet-50 logit MSE weight (0.01 in stage 1B)
+            perceptual="lpips",  # lpips (VGG, stage 1A) | resnet (logit MSE, stage 1B) | none
+            perceptual_weight=0.1,
+            posttrain=False,  # stage 1B: perceptual loss on a sample from the random-step ODE
+            posttrain_sample_k=8,  # Euler steps of the post-training integrator
         )
     )
 
