@@ -132,7 +132,8 @@ class RMSNorm(nn.Module):
         )
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype) * scale.astype(x.dtype)
+        # Round to the input dtype before the fp32 scale, as the original does.
+        return (normed.astype(x.dtype).astype(jnp.float32) * scale).astype(x.dtype)
 
 
 def rope_angles(positions: np.ndarray, axes_dim: Sequence[int], theta: float) -> np.ndarray:
