@@ -132,7 +132,7 @@ def torch_to_flax(
                 f"{key} -> {rule.target}: got {tuple(value.shape)}, expected {expected}"
             )
             continue
-        flat[tuple(rule.target.split("/"))] = value.astype(np.float32)
+        flat[tuple(rule.target.split("/"))] = np.asarray(value, np.float32)
     if mis_shaped:
         raise ConversionError(_report("mis-shaped tensors", mis_shaped))
     return traverse_util.unflatten_dict(flat)
