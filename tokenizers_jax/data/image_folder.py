@@ -1,0 +1,108 @@
+"""A random-access source over a directory tree of JPEG, PNG and WebP images.
+
+Files are found recursively (hidden files excluded) and sorted by relative path, so every
+process sees the same order. Files that are not JPEG/PNG/WebP images (by content, not by
+extension) are skipped when the folder is scanned; files whose header is fine but whose data
+are corrupt (e.g. truncated) are skipped when read, replaced by the next readable image. Both
+kinds are counted in `skipped` and reported with a logged warning; neither is fatal.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+# PIL format names accepted; MPO is the JPEG variant written by many cameras.
+IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP"})
+# Errors PIL raises on unreadable or corrupt files.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_LOGGED_PATHS = 5
+
+
+def read_rgb(path) -> np.ndarray:
+    """Decodes an image file (path or file object) to RGB; grayscale, palette, RGBA -> RGB.
+
+    Returns:
+      uint8 [H, W, 3].
+    """
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _is_image(path: str) -> bool:
+    """Whether the file's header is a JPEG/PNG/WebP image (reads the header only)."""
+    try:
+        with Image.open(path) as image:
+            return image.format in IMAGE_FORMATS
+    except DECODE_ERRORS:
+        return False
+
+
+def _list_files(root: str) -> list[str]:
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        files.extend(os.path.join(directory, n) for n in names if not n.startswith("."))
+    return sorted(files, key=lambda p: os.path.relpath(p, root))
+
+
+class ImageFolderSource:
+    """Random access to the images under `root`: item i is uint8 [H, W, 3] RGB.
+
+    Attributes:
+      root: the directory.
+      paths: the readable image files, sorted.
+      skipped: files skipped as unreadable (at scan time, plus any found corrupt when read
+        in this process).
+    """
+
+    def __init__(self, root: str, scan_threads: int = 16):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory")
+        self.root = root
+        files = _list_files(root)
+        with concurrent.futures.ThreadPoolExecutor(scan_threads) as pool:
+            readable = list(pool.map(_is_image, files))
+        self.paths = [f for f, ok in zip(files, readable) if ok]
+        self.skipped: list[str] = []
+        self._corrupt: set[str] = set()
+        self._report_skipped([f for f, ok in zip(files, readable) if not ok])
+        if not self.paths:
+            raise ValueError(
+                f"image folder {root!r} contains no JPEG, PNG or WebP images "
+                f"({len(files)} files found, none readable)"
+            )
+
+    def _report_skipped(self, paths: list[str]) -> None:
+        if not paths:
+            return
+        self.skipped.extend(paths)
+        logger.warning(
+            "image folder %s: skipped %d unreadable or non-image file(s) (%d in total so far), "
+            "e.g. %s", self.root, len(paths), len(self.skipped), paths[:_LOGGED_PATHS],
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """uint8 [H, W, 3]; a corrupt file is skipped for the next readable one (in order)."""
+        for offset in range(len(self.paths)):
+            path = self.paths[(index + offset) % len(self.paths)]
+            if path in self._corrupt:
+                continue
+            try:
+                return read_rgb(path)
+            except DECODE_ERRORS:
+                self._corrupt.add(path)
+                self._report_skipped([path])
+        raise ValueError(f"image folder {self.root!r}: no image could be decoded")
+
+    def __repr__(self) -> str:
+        return f"ImageFolderSource({self.root!r}, {len(self.paths)} images, {len(self.skipped)} skipped)"
