@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import grain
 import jax
+from absl import flags
 import ml_collections
 import numpy as np
 
@@ -133,6 +134,10 @@ def _process_iterator(
     )
     dataset = batches[process_index::process_count].to_iter_dataset(read_options)
     if config.worker_count > 0:
+        if not flags.FLAGS.is_parsed():
+            # grain's worker processes read its absl flags, which outside absl.app (notebooks,
+            # tests) are unparsed and raise (google/grain#1355); their defaults are fine.
+            flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
     return iter(dataset)
 
