@@ -105,4 +105,7 @@ class ImageFolderSource:
         raise ValueError(f"image folder {self.root!r}: no image could be decoded")
 
     def __repr__(self) -> str:
-        return f"ImageFolderSource({self.root!r}, {len(self.paths)} images, {len(self.skipped)} skipped)"
+        return (
+            f"ImageFolderSource({self.root!r}, {len(self.paths)} images, "
+            f"{len(self.skipped)} skipped)"
+        )

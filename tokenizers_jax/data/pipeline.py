@@ -5,8 +5,8 @@ global batch j is examples [j * G, (j + 1) * G) of the (shuffled) example sequen
 process p receives its slice [j * G + p * L, j * G + (p + 1) * L), L = G / process_count.
 Concatenating the local batches in process order gives the global batch.
 
-Training shuffles globally with a fresh order every epoch (no shuffle buffer), repeats
-forever, and is exactly resumable. Save its state in an orbax checkpoint beside the train
+Training shuffles globally with a fresh order every epoch (no shuffle buffer; the original
+FlowMo samples with replacement per GPU), repeats forever, and is exactly resumable. Save its state in an orbax checkpoint beside the train
 state with grain's handler args, as a composite item:
 
     import grain, orbax.checkpoint as ocp

@@ -45,7 +45,9 @@ class TfdsImageSource:
       image_key: the feature holding the image.
     """
 
-    def __init__(self, name: str, split: str, data_dir: str | None = None, image_key: str = "image"):
+    def __init__(
+        self, name: str, split: str, data_dir: str | None = None, image_key: str = "image"
+    ):
         self.name, self.split, self.image_key = name, split, image_key
         try:
             self._records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -53,10 +55,10 @@ class TfdsImageSource:
             builder = tfds.builder(name, data_dir=data_dir)
             if builder.is_prepared() and builder.info.file_format.value == "array_record":
                 raise
+            data_dir = data_dir or tfds.core.constants.get_default_data_dir()
             raise FileNotFoundError(
                 f"TFDS dataset {name!r} is not prepared in the array_record format under "
-                f"{builder.data_dir}.\n"
-                + prepare_instructions(name, data_dir or tfds.core.constants.get_default_data_dir())
+                f"{builder.data_dir}.\n" + prepare_instructions(name, data_dir)
             ) from err
 
     def __len__(self) -> int:

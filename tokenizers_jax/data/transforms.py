@@ -44,7 +44,7 @@ def _check_crop(image: np.ndarray, size: int) -> tuple[int, int]:
 
 
 def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A uniformly placed `size` x `size` crop (torchvision `RandomCrop`). [H, W, 3] -> [size, size, 3]."""
+    """A uniformly placed crop, as torchvision `RandomCrop`. [H, W, 3] -> [size, size, 3]."""
     height, width = _check_crop(image, size)
     top = int(rng.integers(0, height - size + 1))
     left = int(rng.integers(0, width - size + 1))
@@ -52,7 +52,7 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """The central crop, offsets rounded as torchvision `CenterCrop`. [H, W, 3] -> [size, size, 3]."""
+    """The central crop, rounded as torchvision `CenterCrop`. [H, W, 3] -> [size, size, 3]."""
     height, width = _check_crop(image, size)
     top = int(round((height - size) / 2.0))
     left = int(round((width - size) / 2.0))
