@@ -28,7 +28,7 @@ def flux_widths(width: int) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "lo") -> ml_collections.ConfigDict:
-    variants = ("lo", "hi", "tiny")
+    variants = ("lo", "hi", "lo_posttrain", "hi_posttrain", "tiny")
     if arg not in variants:
         raise ValueError(f"unknown FlowMo variant {arg!r}; choose one of {variants}")
     config = ml_collections.ConfigDict()
@@ -72,7 +72,7 @@ def get_config(arg: str = "lo") -> ml_collections.ConfigDict:
         dict(steps=25, schedule="pow_0.25", cfg=1.5, cfg_interval_sigma=(0.17, 1.02))
     )
 
-    if arg == "hi":
+    if arg in ("hi", "hi_posttrain"):
         model.context_dim = 56
         model.codebook_size_for_entropy = 14
     elif arg == "tiny":
@@ -87,4 +87,67 @@ def get_config(arg: str = "lo") -> ml_collections.ConfigDict:
             dict(hidden_size=192, num_heads=6, axes_dim=(4, 14, 14), mlp_ratio=4.0, depth=3)
         )
         config.sampler.steps = 8
+    add_training(config, arg)
     return config
+
+
+def add_training(config: ml_collections.ConfigDict, arg: str):
+    """Training sections (tokenizers_jax.training): stage 1A for lo/hi, stage 1B for *_posttrain.
+
+    Fields:
+      init_from           a stage-1A workdir whose latest raw params start this run (used only
+                          when the workdir has no checkpoint of its own).
+      train.num_steps     updates to make; batch_size is global (over all devices/processes).
+      train.grad_accum_steps  micro-batches per update (accumulated in a lax.scan).
+      train.loss_groups   groups per micro-batch with their own LFQ entropy statistics (the
+                          original's per-GPU statistics: 8 GPUs).
+      train.ema_decay / ema_every  EMA blended every N updates with decay**N.
+      train.fix_initial_norms  keep double_blocks kernels at their initial Frobenius norm.
+      train.perceptual_weights  converted perceptual-network weights ("" = default location).
+      train.perceptual_random_init  use random perceptual weights (smoke tests only).
+      optim               Adam lr, b1, b2, eps; freeze_after: freeze the encoder from this
+                          update on (-1 never, 0 from the start).
+      checkpoint          every N updates; keep the last `keep` plus multiples of `keep_every`.
+      mesh                device mesh sizes (-1 = the rest) and logical-axis -> mesh-axis rules.
+      logging.every       metric/console interval; eval.every: reconstruction PSNR and grid.
+      data                see tokenizers_jax.data.default_data_config.
+    """
+    from tokenizers_jax.data import default_data_config  # pylint: disable=import-outside-toplevel
+
+    config.init_from = ""
+    config.train = ml_collections.ConfigDict(
+        dict(num_steps=1_300_000, batch_size=128, grad_accum_steps=2, loss_groups=8,
+             ema_decay=0.9999, ema_every=10, fix_initial_norms=True, perceptual_weights="",
+             perceptual_random_init=False)
+    )
+    config.optim = ml_collections.ConfigDict(
+        dict(lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, freeze_after=200_000)
+    )
+    config.checkpoint = ml_collections.ConfigDict(
+        dict(every=5000, keep=2, keep_every=100_000, async_save=True)
+    )
+    config.mesh = ml_collections.ConfigDict(
+        dict(data=1, fsdp=-1, rules=(
+            ("embed", "fsdp"), ("mlp", None), ("heads", None), ("vocab", None), ("norm", None),
+            ("io", None)))
+    )
+    config.logging = ml_collections.ConfigDict(dict(every=100))
+    config.eval = ml_collections.ConfigDict(dict(every=5000, num_images=8, use_ema=True, seed=0))
+    config.data = default_data_config()
+    config.data.image_size = config.model.image_size
+
+    if arg.endswith("_posttrain"):  # stage 1B (spec 6), from --config.init_from=STAGE_1A_DIR
+        config.loss.posttrain = True
+        config.loss.perceptual = "resnet"
+        config.loss.perceptual_weight = 0.01
+        config.optim.lr = 5e-5
+        config.optim.freeze_after = 0
+        config.train.num_steps = 25_000
+        config.train.batch_size = 64
+    elif arg == "tiny":  # a few CPU minutes on the built-in photos
+        config.train.update(num_steps=300, batch_size=8, grad_accum_steps=1, loss_groups=1,
+                            ema_decay=0.98, ema_every=1, perceptual_random_init=True)
+        config.optim.update(lr=3e-4, freeze_after=-1)
+        config.checkpoint.update(every=100, keep=2, keep_every=0)
+        config.logging.every = 10
+        config.eval.update(every=100, num_images=8)

@@ -1,0 +1,25 @@
+"""Trainable tasks, chosen by `config.model.name`."""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+from tokenizers_jax.tasks.base import Task
+
+# model.name -> "module:class".
+TASKS = {
+    "flowmo": "tokenizers_jax.tasks.flowmo:FlowMoTask",
+}
+
+
+def build_task(config: ml_collections.ConfigDict) -> Task:
+    name = config.model.name
+    if name not in TASKS:
+        raise ValueError(f"no training task for model {name!r}; known: {sorted(TASKS)}")
+    module_name, class_name = TASKS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)(config)
+
+
+__all__ = ["Task", "TASKS", "build_task"]
