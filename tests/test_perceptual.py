@@ -72,8 +72,10 @@ def test_lpips_matches_torch(torch_lpips):
     np.testing.assert_array_equal(np.asarray(lpips.lpips_distance(params, x, x)), 0.0)
 
 
-@pytest.mark.skipif(installed_lin_checkpoint() is None,
-                    reason="lpips package not installed (pip install lpips --no-deps)")
+@pytest.mark.skipif(
+    installed_lin_checkpoint() is None,
+    reason="lpips package not installed (pip install lpips --no-deps)",
+)
 def test_lpips_real_heads(torch_lpips):
     """The released v0.1 heads load into the torch reference (names, shapes) and convert."""
     heads = torch.load(installed_lin_checkpoint(), map_location="cpu", weights_only=True)
@@ -151,17 +153,36 @@ def test_fid_inception_features_pipeline(torch_inception):
 
 
 NETWORKS = [
-    (lpips.load_lpips_params, lpips.NAME,
-     ["vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth", "vgg.pth",
-      "lpips/weights/v0.1/vgg.pth", "python -m tokenizers_jax.convert lpips --checkpoint"]),
-    (resnet.load_resnet50_params, resnet.NAME,
-     ["resnet50-0676ba61.pth", "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-      "python -m tokenizers_jax.convert resnet50 --checkpoint"]),
-    (inception.load_inception_params, inception.NAME,
-     ["pt_inception-2015-12-05-6726825d.pth",
-      "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-      "pt_inception-2015-12-05-6726825d.pth",
-      "python -m tokenizers_jax.convert inception --checkpoint"]),
+    (
+        lpips.load_lpips_params,
+        lpips.NAME,
+        [
+            "vgg16-397923af.pth",
+            "https://download.pytorch.org/models/vgg16-397923af.pth",
+            "vgg.pth",
+            "lpips/weights/v0.1/vgg.pth",
+            "python -m tokenizers_jax.convert lpips --checkpoint",
+        ],
+    ),
+    (
+        resnet.load_resnet50_params,
+        resnet.NAME,
+        [
+            "resnet50-0676ba61.pth",
+            "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+            "python -m tokenizers_jax.convert resnet50 --checkpoint",
+        ],
+    ),
+    (
+        inception.load_inception_params,
+        inception.NAME,
+        [
+            "pt_inception-2015-12-05-6726825d.pth",
+            "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+            "pt_inception-2015-12-05-6726825d.pth",
+            "python -m tokenizers_jax.convert inception --checkpoint",
+        ],
+    ),
 ]
 
 

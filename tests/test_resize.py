@@ -32,7 +32,9 @@ def test_matches_torch_interpolate(in_size, out_size, antialias):
     images = np.random.default_rng(0).standard_normal((2, *in_size, 3)).astype(np.float32)
     ours = np.asarray(resize_bilinear(images, out_size, antialias=antialias))
     assert ours.shape == (2, *out_size, 3) and ours.dtype == np.float32
-    np.testing.assert_allclose(ours, torch_resize(images, out_size, antialias), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        ours, torch_resize(images, out_size, antialias), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_antialias_changes_downscale():

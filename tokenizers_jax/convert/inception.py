@@ -12,7 +12,10 @@ import argparse
 
 from tokenizers_jax.convert.common import Rule, StateDict, load_torch_file, torch_to_flax
 from tokenizers_jax.convert.torch_cnn import (
-    abstract_params, is_batch_norm_counter, rules_from_template, save_converted,
+    abstract_params,
+    is_batch_norm_counter,
+    rules_from_template,
+    save_converted,
 )
 from tokenizers_jax.perceptual import inception
 
@@ -23,7 +26,7 @@ def inception_rules() -> dict[str, Rule]:
 
 
 def inception_params_from_torch(state_dict: StateDict) -> dict:
-    """pytorch-fid FID Inception state dict -> FIDInceptionV3 params (ConversionError on mismatch)."""
+    """pytorch-fid Inception state dict -> FIDInceptionV3 params (ConversionError on mismatch)."""
     return torch_to_flax(
         state_dict,
         inception_rules(),
@@ -34,7 +37,9 @@ def inception_params_from_torch(state_dict: StateDict) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help=f"pytorch-fid {inception.CHECKPOINT_FILE}")
+    parser.add_argument(
+        "--checkpoint", required=True, help=f"pytorch-fid {inception.CHECKPOINT_FILE}"
+    )
     parser.add_argument("--output", required=True, help="new model directory")
 
 

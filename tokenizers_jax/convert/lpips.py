@@ -15,7 +15,13 @@ import importlib.util
 import os
 import re
 
-from tokenizers_jax.convert.common import ConversionError, Rule, StateDict, load_torch_file, torch_to_flax
+from tokenizers_jax.convert.common import (
+    ConversionError,
+    Rule,
+    StateDict,
+    load_torch_file,
+    torch_to_flax,
+)
 from tokenizers_jax.convert.torch_cnn import abstract_params, rules_from_template, save_converted
 from tokenizers_jax.perceptual import lpips
 
@@ -67,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help=f"torchvision {lpips.VGG16_FILE}")
     parser.add_argument(
         "--lin-checkpoint",
-        help="LPIPS v0.1 heads (lpips/weights/v0.1/vgg.pth); default: the installed lpips package's",
+        help="LPIPS v0.1 heads lpips/weights/v0.1/vgg.pth (default: the installed lpips package's)",
     )
     parser.add_argument("--output", required=True, help="new model directory")
 

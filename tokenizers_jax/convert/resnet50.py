@@ -11,7 +11,10 @@ import re
 
 from tokenizers_jax.convert.common import Rule, StateDict, load_torch_file, torch_to_flax
 from tokenizers_jax.convert.torch_cnn import (
-    abstract_params, is_batch_norm_counter, rules_from_template, save_converted,
+    abstract_params,
+    is_batch_norm_counter,
+    rules_from_template,
+    save_converted,
 )
 from tokenizers_jax.perceptual import resnet
 

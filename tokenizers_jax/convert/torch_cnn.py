@@ -67,10 +67,12 @@ def abstract_params(init: Callable[[jax.Array], Any]) -> Any:
 
 def save_converted(output: str | os.PathLike, name: str, params: Any, **sources: str) -> None:
     """Writes a model directory whose config names the network and the source files."""
-    config = ml_collections.ConfigDict({
-        "model": {"name": name},
-        "source": {key: os.path.basename(os.fspath(value)) for key, value in sources.items()},
-    })
+    config = ml_collections.ConfigDict(
+        {
+            "model": {"name": name},
+            "source": {key: os.path.basename(os.fspath(value)) for key, value in sources.items()},
+        }
+    )
     exported.save_model_dir(output, config, params)
     count = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(params))
     print(f"wrote {name} ({count:,} parameters) to {os.path.abspath(os.fspath(output))}")

@@ -39,14 +39,24 @@ class FrozenBatchNorm(nn.Module):
         return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
 
 
-def conv(features: int, kernel: int | tuple[int, int], stride: int = 1,
-         padding: int | tuple[int, int] = 0, bias: bool = False, name: str | None = None):
+def conv(
+    features: int,
+    kernel: int | tuple[int, int],
+    stride: int = 1,
+    padding: int | tuple[int, int] = 0,
+    bias: bool = False,
+    name: str | None = None,
+):
     """An `nn.Conv` with torch's Conv2d arguments (symmetric explicit padding)."""
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
     return nn.Conv(
-        features, (kh, kw), strides=(stride, stride), padding=((ph, ph), (pw, pw)),
-        use_bias=bias, name=name,
+        features,
+        (kh, kw),
+        strides=(stride, stride),
+        padding=((ph, ph), (pw, pw)),
+        use_bias=bias,
+        name=name,
     )
 
 
@@ -90,7 +100,7 @@ def load_weights(
             raise FileNotFoundError(
                 f"No converted {name} weights in {directory} (expected config.json and params/).\n"
                 + how_to_get(directory)
-                + f"\nOr pass path=<model dir>, or set ${WEIGHTS_ENV} to the folder holding {name}/."
+                + f"\nOr pass path=<model dir>, or set ${WEIGHTS_ENV} to the folder with {name}/."
             )
         logging.warning(
             "\n" + "!" * 78 + "\n"
@@ -99,7 +109,8 @@ def load_weights(
             "!! Every loss and metric computed with this network is MEANINGLESS: use it only\n"
             "!! for tests and smoke runs. To get the real weights:\n"
             + "\n".join("!!   " + line for line in how_to_get(directory).splitlines())
-            + "\n" + "!" * 78
+            + "\n"
+            + "!" * 78
         )
         return jax.jit(init)(jax.random.key(0))
     found = exported.load_config(directory).get("model", {}).get("name")

@@ -113,7 +113,7 @@ class InceptionD(nn.Module):
 
 
 class FIDInceptionE(nn.Module):
-    """Mixed_7b (avg pool, padding excluded) / Mixed_7c (max pool). [B, H, W, C] -> [B, H, W, 2048]."""
+    """Mixed_7b (avg pool without padding) / 7c (max pool). [B, H, W, C] -> [B, H, W, 2048]."""
 
     max_pool_branch: bool
 
@@ -121,16 +121,22 @@ class FIDInceptionE(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         branch1x1 = BasicConv2d(320, 1, name="branch1x1")(x)
         branch3x3 = BasicConv2d(384, 1, name="branch3x3_1")(x)
-        branch3x3 = jnp.concatenate([
-            BasicConv2d(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(branch3x3),
-            BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(branch3x3),
-        ], axis=-1)
+        branch3x3 = jnp.concatenate(
+            [
+                BasicConv2d(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(branch3x3),
+                BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(branch3x3),
+            ],
+            axis=-1,
+        )
         dbl = BasicConv2d(448, 1, name="branch3x3dbl_1")(x)
         dbl = BasicConv2d(384, 3, padding=1, name="branch3x3dbl_2")(dbl)
-        dbl = jnp.concatenate([
-            BasicConv2d(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(dbl),
-            BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(dbl),
-        ], axis=-1)
+        dbl = jnp.concatenate(
+            [
+                BasicConv2d(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(dbl),
+                BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(dbl),
+            ],
+            axis=-1,
+        )
         pooled = max_pool(x, 3, 1, padding=1) if self.max_pool_branch else avg_pool_3x3(x)
         branch_pool = BasicConv2d(192, 1, name="branch_pool")(pooled)
         return jnp.concatenate([branch1x1, branch3x3, dbl, branch_pool], axis=-1)
@@ -155,8 +161,12 @@ class FIDInceptionV3(nn.Module):
         x = FIDInceptionA(64, name="Mixed_5c")(x)
         x = FIDInceptionA(64, name="Mixed_5d")(x)
         x = InceptionB(name="Mixed_6a")(x)
-        for name, channels_7x7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160),
-                                   ("Mixed_6e", 192)):
+        for name, channels_7x7 in (
+            ("Mixed_6b", 128),
+            ("Mixed_6c", 160),
+            ("Mixed_6d", 160),
+            ("Mixed_6e", 192),
+        ):
             x = FIDInceptionC(channels_7x7, name=name)(x)
         x = InceptionD(name="Mixed_7a")(x)
         x = FIDInceptionE(max_pool_branch=False, name="Mixed_7b")(x)

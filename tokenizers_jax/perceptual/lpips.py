@@ -1,7 +1,7 @@
 """LPIPS v0.1 with the VGG16 trunk (`lpips.LPIPS(net="vgg")` in eval mode).
 
-    params = load_lpips_params()                  # converted weights, see below
-    distance = lpips_distance(params, x, y)       # x, y: [B, H, W, 3] in [-1, 1] -> [B]
+params = load_lpips_params()                  # converted weights, see below
+distance = lpips_distance(params, x, y)       # x, y: [B, H, W, 3] in [-1, 1] -> [B]
 """
 
 from __future__ import annotations

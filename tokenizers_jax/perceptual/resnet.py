@@ -32,7 +32,7 @@ EXPANSION = 4
 
 
 class Bottleneck(nn.Module):
-    """torchvision Bottleneck (v1.5: the stride is on the 3x3 conv). [B, H, W, C] -> [B, h, w, 4w]."""
+    """torchvision Bottleneck, v1.5 (stride on the 3x3 conv). [B, H, W, C] -> [B, h, w, 4 width]."""
 
     width: int
     stride: int = 1
@@ -65,13 +65,15 @@ class ResNet50(nn.Module):
         for stage, (width, num_blocks) in enumerate(STAGES):
             for block in range(num_blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
-                x = Bottleneck(width, stride, downsample=block == 0,
-                               name=f"layer{stage + 1}_{block}")(x)
+                x = Bottleneck(
+                    width, stride, downsample=block == 0, name=f"layer{stage + 1}_{block}"
+                )(x)
         return nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
 
 
 def resnet_logits(params: Any, images: jax.Array) -> jax.Array:
-    """[B, H, W, 3] in [-1, 1] -> [0, 1] -> antialiased resize to 224 -> ImageNet norm -> [B, 1000]."""
+    """[B, H, W, 3] in [-1, 1] -> [0, 1] -> antialiased resize to 224 -> ImageNet norm -> logits
+    [B, 1000]."""
     images01 = (jnp.asarray(images, jnp.float32) + 1.0) / 2.0
     images01 = resize_bilinear(images01, (INPUT_SIZE, INPUT_SIZE), antialias=True)
     normalized = (images01 - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
