@@ -72,6 +72,17 @@ def test_lpips_matches_torch(torch_lpips):
     np.testing.assert_array_equal(np.asarray(lpips.lpips_distance(params, x, x)), 0.0)
 
 
+def test_lpips_gradient_matches_torch(torch_lpips):
+    """The loss is differentiated w.r.t. the reconstruction in training."""
+    x, y = images((1, 32, 32, 3), 10), images((1, 32, 32, 3), 11)
+    params = lpips_params_from_torch(*split_lpips_state_dict(torch_lpips))
+    ours = jax.grad(lambda image: lpips.lpips_distance(params, image, y).sum())(x)
+    x_torch = nchw(x).requires_grad_(True)
+    torch_lpips(x_torch, nchw(y)).sum().backward()
+    assert np.all(np.isfinite(ours))
+    assert_close(ours, x_torch.grad.permute(0, 2, 3, 1).numpy())
+
+
 @pytest.mark.skipif(
     installed_lin_checkpoint() is None,
     reason="lpips package not installed (pip install lpips --no-deps)",
