@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from tokenizers_jax import metrics
 from tokenizers_jax.models import flowmo
 from tokenizers_jax.tasks.base import Batch, Params, Task
 
@@ -31,12 +32,6 @@ def _path_names(path) -> list[str]:
 def images_to_float(images: jax.Array) -> jax.Array:
     """uint8 [B, H, W, 3] -> float32 in [-1, 1] (the original's x / 127.5 - 1)."""
     return images.astype(jnp.float32) / 127.5 - 1.0
-
-
-def psnr(images: jax.Array, reconstructions: jax.Array) -> jax.Array:
-    """Mean over images of the PSNR (dB) on the [0, 1] scale. Inputs [B, H, W, 3] in [-1, 1]."""
-    mse = jnp.mean(jnp.square((images - reconstructions) / 2.0), axis=(1, 2, 3))
-    return jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)))
 
 
 class FlowMoTask(Task):
@@ -98,4 +93,5 @@ class FlowMoTask(Task):
     def evaluate(self, params, constants, batch: Batch, key):
         images = images_to_float(batch["image"])
         reconstructions = flowmo.reconstruct(self.model, params, images, key, self.config)
-        return {"psnr": psnr(images, reconstructions)}, reconstructions
+        # PSNR over the [-1, 1] range (data_range 2), i.e. the usual one on [0, 1].
+        return {"psnr": jnp.mean(metrics.psnr(images, reconstructions, 2.0))}, reconstructions

@@ -1,0 +1,120 @@
+"""The generic loop on a toy task: checkpoints, exact resume, NaN stop, accumulation, errors."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tokenizers_jax.training import checkpoint, loop
+from training_toy import toy_config
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+def test_run_writes_checkpoints_and_resume_repeats_the_same_losses(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    summary = loop.train_and_evaluate(toy_config(num_steps=6), straight)
+    assert summary["step"] == 6 and summary["stopped"] == "done"
+    assert checkpoint.latest_step(straight) == 6
+    assert os.path.isfile(os.path.join(straight, "images", "reconstruction_00000006.png"))
+    assert os.listdir(os.path.join(straight, "tensorboard"))
+
+    loop.train_and_evaluate(toy_config(num_steps=3), resumed)  # "killed" after step 3
+    assert checkpoint.latest_step(resumed) == 3
+    loop.train_and_evaluate(toy_config(num_steps=6), resumed)  # restarted
+    expected, actual = _losses(straight), _losses(resumed)
+    assert sorted(actual) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):  # same params, optimizer state and data after the restart
+        assert actual[step] == expected[step]
+
+    config, ema = checkpoint.load_for_inference(resumed)
+    assert config.train.num_steps == 6
+    assert jax.tree.structure(ema) == jax.tree.structure(
+        {"decoder": {"double_blocks_0": {"bias": 0, "kernel": 0}}, "encoder": {"kernel": 0}})
+
+
+def test_incomplete_checkpoint_is_never_restored(tmp_path):
+    workdir = str(tmp_path)
+    loop.train_and_evaluate(toy_config(num_steps=3), workdir)
+    # An interrupted save: orbax's temporary directory for a later step.
+    os.makedirs(os.path.join(workdir, "checkpoints", "4.orbax-checkpoint-tmp-1234", "params"))
+    assert checkpoint.latest_step(workdir) == 3
+    summary = loop.train_and_evaluate(toy_config(num_steps=4), workdir)
+    assert summary["step"] == 4
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    loop.train_and_evaluate(toy_config(num_steps=3), workdir)
+    config = toy_config(num_steps=6)
+    config.toy_nan = True
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* step 4.*step 3\) is intact"):
+        loop.train_and_evaluate(config, workdir)
+    assert checkpoint.latest_step(workdir) == 3
+    _, ema = checkpoint.load_for_inference(workdir)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(ema))
+
+
+def test_indivisible_global_batch_is_a_startup_error(tmp_path):
+    with pytest.raises(ValueError, match="does not divide over 2 gradient-accumulation"):
+        loop.train_and_evaluate(toy_config(batch_size=7, grad_accum_steps=2), str(tmp_path))
+    with pytest.raises(ValueError, match="not divisible by train.loss_groups=3"):
+        loop.train_and_evaluate(toy_config(batch_size=8, loss_groups=3), str(tmp_path))
+
+
+def _one_step(config, batch):
+    task, mesh, tx, shardings, norm_mask = loop.setup(config)
+    from tokenizers_jax.training import sharding, state as state_lib
+
+    state = state_lib.create_state(task.init_params, tx, shardings, config.seed)
+    constants = sharding.replicate(task.constants, mesh)
+    batch = sharding.global_batch(batch, mesh)
+    step, _ = loop.compile_train_step(task, tx, config, mesh, shardings, norm_mask, state,
+                                      constants, batch)
+    return step(state, constants, batch)
+
+
+def test_gradient_accumulation_equals_the_full_batch_step():
+    batch = {"image": np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), np.uint8)}
+    results = {}
+    for accum, groups in [(1, 1), (2, 1), (4, 1), (1, 2)]:
+        config = toy_config(grad_accum_steps=accum, loss_groups=groups)
+        config.toy_noise = 0.0
+        results[accum, groups] = _one_step(config, batch)
+    full_state, full_metrics = results[1, 1]
+    for key, (state, metrics) in results.items():
+        np.testing.assert_allclose(metrics["loss"], full_metrics["loss"], rtol=1e-6, err_msg=key)
+        np.testing.assert_allclose(metrics["grad_norm"], full_metrics["grad_norm"], rtol=1e-5,
+                                   err_msg=key)
+        # Adam's first step is ~lr * sign(grad): compare at a fraction of lr (1e-2).
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(full_state.params)):
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=str(key))
+
+
+def test_train_step_freezes_encoder_fixes_norms_and_updates_ema():
+    batch = {"image": np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), np.uint8)}
+    config = toy_config()
+    config.optim.freeze_after = 0
+    config.train.update(ema_decay=0.5, ema_every=1)
+    task, mesh, tx, shardings, norm_mask = loop.setup(config)
+    from tokenizers_jax.training import sharding, state as state_lib
+
+    state0 = state_lib.create_state(task.init_params, tx, shardings, config.seed)
+    initial = jax.device_get(state0.params)
+    state, _ = _one_step(config, batch)
+    params = jax.device_get(state.params)
+    np.testing.assert_array_equal(params["encoder"]["kernel"], initial["encoder"]["kernel"])
+    block, block0 = params["decoder"]["double_blocks_0"], initial["decoder"]["double_blocks_0"]
+    assert not np.allclose(block["kernel"], block0["kernel"])
+    np.testing.assert_allclose(np.linalg.norm(block["kernel"]), np.linalg.norm(block0["kernel"]),
+                               rtol=1e-5)
+    assert not np.allclose(block["bias"], block0["bias"])  # biases are not renormalised
+    ema = jax.device_get(state.ema_params)["decoder"]["double_blocks_0"]["bias"]
+    np.testing.assert_allclose(ema, 0.5 * block0["bias"] + 0.5 * block["bias"], rtol=1e-5,
+                               atol=1e-7)

@@ -1,0 +1,84 @@
+"""Optimizer pieces: encoder freezing, fix_initial_norms, EMA schedule, mesh shapes."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from tokenizers_jax.training import optimizer, sharding
+
+
+def _optim(freeze_after):
+    return ml_collections.ConfigDict(dict(lr=0.1, b1=0.9, b2=0.95, eps=1e-8,
+                                          freeze_after=freeze_after))
+
+
+def test_freeze_after_zeroes_masked_updates_from_step_n():
+    params = {"encoder": jnp.ones(3), "decoder": jnp.ones(3)}
+    mask = {"encoder": True, "decoder": False}
+    tx = optimizer.make_optimizer(_optim(2), mask)
+    state = tx.init(params)
+    grads = {"encoder": jnp.ones(3), "decoder": jnp.ones(3)}
+    for step in range(4):
+        updates, state = tx.update(grads, state, params)
+        frozen = step >= 2
+        assert bool(jnp.all(updates["encoder"] == 0)) == frozen
+        assert bool(jnp.all(updates["decoder"] != 0))
+
+
+def test_freeze_requires_a_mask_and_is_off_when_negative():
+    with pytest.raises(ValueError, match="nothing to freeze"):
+        optimizer.make_optimizer(_optim(0), None)
+    tx = optimizer.make_optimizer(_optim(-1), None)
+    updates, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}))
+    np.testing.assert_allclose(updates["w"], -0.1, rtol=1e-5)  # plain Adam's first step
+
+
+def test_adam_matches_torch_defaults():
+    """Adam(0.9, 0.95, eps 1e-8), bias-corrected, lr 1e-4: the first update is -lr*sign(g)."""
+    config = _optim(-1)
+    config.lr = 1e-4
+    tx = optimizer.make_optimizer(config)
+    grads = {"w": jnp.array([0.5, -2.0])}
+    updates, _ = tx.update(grads, tx.init(grads))
+    np.testing.assert_allclose(updates["w"], [-1e-4, 1e-4], rtol=1e-5)
+
+
+def test_renormalize_keeps_reference_norms_of_masked_leaves_only():
+    key1, key2 = jax.random.split(jax.random.PRNGKey(0))
+    params = {"a": jax.random.normal(key1, (4, 5)), "b": jax.random.normal(key2, (5,))}
+    norms = optimizer.frobenius_norms(params)
+    moved = jax.tree.map(lambda x: 3.0 * x + 1.0, params)
+    fixed = optimizer.renormalize(moved, norms, {"a": True, "b": False})
+    np.testing.assert_allclose(jnp.linalg.norm(fixed["a"]), norms["a"], rtol=1e-6)
+    np.testing.assert_allclose(fixed["a"] / jnp.linalg.norm(fixed["a"]),
+                               moved["a"] / jnp.linalg.norm(moved["a"]), rtol=1e-5)
+    np.testing.assert_array_equal(fixed["b"], moved["b"])
+
+
+def test_ema_blends_every_n_steps_with_decay_to_the_n():
+    ema, decay, every = jnp.zeros(()), 0.9, 3
+    for step in range(7):
+        params = jnp.asarray(float(step + 1))
+        new = optimizer.ema_update(ema, params, jnp.asarray(step), decay, every)
+        if step % every == 0:
+            expected = ema * decay**every + params * (1 - decay**every)
+            np.testing.assert_allclose(new, expected, rtol=1e-6)
+        else:
+            assert new == ema
+        ema = new
+
+
+def test_mesh_shape_resolves_minus_one_and_rejects_bad_sizes():
+    assert sharding.mesh_shape({"data": 2, "fsdp": -1}, 8) == (2, 4)
+    assert sharding.mesh_shape({"data": -1, "fsdp": 1}, 8) == (8, 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        sharding.mesh_shape({"data": 3, "fsdp": -1}, 8)
+    with pytest.raises(ValueError, match="uses 4 devices but 8"):
+        sharding.mesh_shape({"data": 2, "fsdp": 2}, 8)
+    with pytest.raises(ValueError, match="at most one"):
+        sharding.mesh_shape({"data": -1, "fsdp": -1}, 8)
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        sharding.mesh_shape({"tensor": 1}, 8)
