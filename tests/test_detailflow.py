@@ -21,10 +21,25 @@ def get_config(variant):
     return load_config(f"{CONFIG_FILE}:{variant}")
 
 
+def random_params(abstract, seed=0):
+    """Random values for an abstract params tree, far from the init (LayerNorm scales near 1,
+    an un-normalised codebook, non-zero biases), without compiling the init."""
+    rng = np.random.RandomState(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            return jnp.asarray(1 + 0.1 * rng.randn(*leaf.shape), jnp.float32)
+        std = 2.0 if "codebook" in name else 0.1
+        return jnp.asarray(std * rng.randn(*leaf.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
 @functools.lru_cache(maxsize=None)
 def tiny():
     config = get_config("tiny")
-    return config, df.init_params(config, jax.random.PRNGKey(0))
+    return config, random_params(df.init_params(config, jax.random.PRNGKey(0), abstract=True))
 
 
 def images(batch=2, size=32, seed=0):
@@ -60,7 +75,7 @@ def test_encoder_latents_are_causal_and_patches_image_only():
     config, params = tiny()
     model = df.model_from_config(config)
     x = jnp.asarray(images(1), jnp.float32) / 127.5 - 1
-    encode = lambda p: model.apply({"params": p}, x, method=lambda m, x: m.encoder(x))
+    encode = jax.jit(lambda p: model.apply({"params": p}, x, method=lambda m, x: m.encoder(x)))
     base = encode(params)
     # tiny: slots 0..3 token-causal, then groups 4..7, 8..11, 12..15. Perturbing slot 8
     # changes group 2 onwards only.
@@ -95,8 +110,8 @@ def test_prefix_decode_resolutions_and_masking():
     # Masking slots >= t equals decoding only the first t codes (no padding at all).
     model = tok.model
     n = 4
-    decode = lambda codes, t: model.apply({"params": params}, codes, t, 2,
-                                          method=df.DetailFlow.decode_indices)
+    decode = jax.jit(lambda codes, t: model.apply({"params": params}, codes, t, 2,
+                                                  method=df.DetailFlow.decode_indices))
     masked = decode(idx, n)
     unpadded = decode(idx[:, :n], n)
     np.testing.assert_allclose(np.asarray(masked), np.asarray(unpadded), atol=1e-5)
@@ -129,15 +144,28 @@ def test_tokenizer_input_errors():
         tok.encode_self_correction(images(), 5)  # not a group start
 
 
-def run_self_correction(noise_idx, seed=1):
+@functools.lru_cache(maxsize=None)
+def tiny_functions():
+    """Jitted tiny-model functions shared by the tests (compiled once)."""
     config, params = tiny()
     model = df.model_from_config(config)
+    correct = jax.jit(lambda x, i, r: model.apply({"params": params}, x, i, r,
+                                                  method=df.DetailFlow.self_correction))
+    clean = jax.jit(lambda x, r: model.apply({"params": params}, x, r,
+                                             method=df.DetailFlow.encode))
+    second = jax.jit(lambda x, q, e: model.apply(
+        {"params": params}, x, q, e, method=lambda m, x, q, e: m.quantize(
+            m.quant_conv(m.encoder(x, m.refine_conv(q), e)), loss_start=e)))
+    return correct, clean, second
+
+
+def run_self_correction(noise_idx, seed=1):
+    config, params = tiny()
+    correct, clean, _ = tiny_functions()
     x = jnp.asarray(images(2, seed=seed), jnp.float32) / 127.5 - 1
     ranks = jax.random.randint(jax.random.PRNGKey(seed), (2, 16), 0, 8)
-    out = model.apply({"params": params}, x, noise_idx, ranks,
-                      method=df.DetailFlow.self_correction)
-    clean = model.apply({"params": params}, x, ranks, method=df.DetailFlow.encode)
-    return config, params, model, x, ranks, out, clean
+    return config, params, df.model_from_config(config), x, ranks, correct(x, noise_idx, ranks), \
+        clean(x, ranks)
 
 
 @pytest.mark.parametrize("noise_idx", [0, 3, 4, 8, 12])
@@ -164,17 +192,14 @@ def test_self_correction_index_stack(noise_idx):
                                       method=lambda m, i: m.quantize.lookup(i)))
     np.testing.assert_allclose(quant, codebook, atol=1e-6)
     # Pass 2 = the encoder with refine_conv(perturbed prefix) then refined_tokens.
-    refined = model.apply({"params": params}, x, jnp.asarray(quant), end,
-                          method=lambda m, x, q, e: m.quantize(
-                              m.quant_conv(m.encoder(x, m.refine_conv(q), e))).indices)
+    refined = tiny_functions()[2](x, quant, end).indices
     np.testing.assert_array_equal(idx[:, end:, 2], np.asarray(refined)[:, end:])
 
 
 def test_self_correction_losses_and_gradients():
     config, params, model, x, ranks, out, clean = run_self_correction(4)
     end, total = 8, 16
-    second = model.apply({"params": params}, x, out.quant, end, method=lambda m, x, q, e: m.quantize(
-        m.quant_conv(m.encoder(x, m.refine_conv(q), e)), loss_start=e))
+    second = tiny_functions()[2](x, out.quant, end)
     w1, w2 = total / (2 * total - end), (total - end) / (2 * total - end)
     np.testing.assert_allclose(float(out.codebook_loss),
                                w1 * float(clean.codebook_loss) + w2 * float(second.codebook_loss),
@@ -189,7 +214,7 @@ def test_self_correction_losses_and_gradients():
         o = model.apply({"params": p}, x, 4, ranks, method=df.DetailFlow.self_correction)
         return jnp.sum(o.quant[:, :end] ** 2)
 
-    grads = jax.grad(corrected_prefix)(params)
+    grads = jax.jit(jax.grad(corrected_prefix))(params)
     assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree.leaves(grads))
 
 
@@ -208,14 +233,14 @@ def test_training_forward_and_alignment():
     model = df.model_from_config(config)
     x = jnp.asarray(images(), jnp.float32) / 127.5 - 1
     ranks = jnp.zeros((2, 16), jnp.int32)
-    out = model.apply({"params": params}, x, 8, ranks, 12, 3)
+    out = jax.jit(lambda x, r: model.apply({"params": params}, x, 8, r, 12, 3))(x, ranks)
     assert out["reconstructions"].shape == (4, 24, 24, 3)
     assert out["first_token"].shape == (2, 64)
     teacher = df.teacher_from_config(config)
     teacher_params = jax.tree.map(
         lambda s: jax.random.normal(jax.random.PRNGKey(1), s.shape) * 0.1,
         abstract_vit_params(config.model.teacher))
-    target = df.alignment_target(teacher, teacher_params, x)
+    target = jax.jit(lambda p, x: df.alignment_target(teacher, p, x))(teacher_params, x)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(target), axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(out["first_token"]), axis=-1), 1.0,
                                rtol=1e-5)
@@ -226,13 +251,14 @@ def test_training_forward_and_alignment():
 
 
 def test_bfloat16_compute_keeps_fp32_params():
+    config, params = tiny()
     config = get_config("tiny")
     with config.unlocked():
         config.model.dtype = "bfloat16"
-    params = df.init_params(config, jax.random.PRNGKey(0))
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    abstract = df.init_params(config, jax.random.PRNGKey(0), abstract=True)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(abstract))
     tok = df.DetailFlowTokenizer(config, params)
-    out = tok.reconstruct(images())
+    out = tok.reconstruct(images(), num_tokens=16)
     assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
     with config.unlocked():
         config.model.dtype = "float16"
