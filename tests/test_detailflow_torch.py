@@ -205,7 +205,7 @@ def test_encode_matches(setup):
 def test_prefix_decode_matches(setup, t):
     config, params, _, ref, x, x_float = setup
     tok = df.DetailFlowTokenizer(config, params)
-    idx = np.asarray(tok.encode(x))
+    idx = np.array(tok.encode(x))
     size = tok.resolutions.output_resolution(t)
     ours = tok._decode(params, idx, t, size // 8)
     with torch.no_grad():
@@ -239,7 +239,7 @@ def test_decode_at_other_grid_resizes_positions_like_torch(setup):
     """Grids 1..4 exercise the antialiased downscale of the 4x4 table (and 5 an upscale)."""
     config, params, _, ref, x, _ = setup
     tok = df.DetailFlowTokenizer(config, params)
-    idx = np.asarray(tok.encode(x))
+    idx = np.array(tok.encode(x))
     for grid in (1, 3, 5):
         ours = tok._decode(params, idx, 16, grid)
         with torch.no_grad():
