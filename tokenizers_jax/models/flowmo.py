@@ -129,7 +129,7 @@ def abstract_params(model: FlowMo) -> Params:
 
 def init_params(model: FlowMo, key: jax.Array) -> Params:
     """Randomly initialised params (unboxed), PyTorch default inits, zero modulation gates."""
-    return nn.unbox(model.init(key, *model.dummy_inputs(1))["params"])
+    return nn.unbox(jax.jit(model.init)(key, *model.dummy_inputs(1))["params"])
 
 
 def quantize(code: jax.Array, model_config: FlowMoConfig, with_losses: bool,
