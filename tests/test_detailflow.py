@@ -305,3 +305,18 @@ def test_config_variants():
         load_config(f"{CONFIG_FILE}:df8")
     assert get_config("df16").model.num_latent_tokens == 128
     assert load_config(CONFIG_FILE).variant == "df16"
+
+
+def test_benchmark_runs_on_tiny():
+    from tokenizers_jax import benchmark_detailflow
+
+    config, params = tiny()
+    config = get_config("tiny")
+    with config.unlocked():
+        config.benchmark.prefix_lengths = (1, 2, 16)
+        config.benchmark.iterations = 1
+    result = benchmark_detailflow.run(config, params)
+    assert result["encode"]["images_per_s"] > 0 and result["encode"]["compile_s"] > 0
+    assert {n: r["resolution"] for n, r in result["decode"].items()} == {1: 8, 2: 8, 16: 32}
+    assert set(result["decode_compile_s"]) == {8, 32}
+    assert "peak_memory_bytes" in result
