@@ -56,7 +56,7 @@ def run(config: ml_collections.ConfigDict, params: Any | None = None) -> dict[st
     tokenizer = detailflow.DetailFlowTokenizer(config, params)
     size, batch = config.model.image_size, bench.batch_size
     uint8_images = np.random.RandomState(0).randint(0, 256, (batch, size, size, 3), np.uint8)
-    images = tokenizer._images(uint8_images)  # pylint: disable=protected-access
+    images = tokenizer.prepare(uint8_images)
 
     encode, encode_compile_s = _compile(tokenizer._encode, params, images)  # pylint: disable=protected-access
     indices = encode(params, images)

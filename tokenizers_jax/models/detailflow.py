@@ -2,7 +2,8 @@
 
   images [B, R, R, 3] -> SigLIP2 encoder with N appended causal query tokens -> quant_conv
   -> VQ (unit codes) -> first t codes -> post_quant_conv -> decoder over G x G mask tokens
-  -> to_pixel -> [B, 16G, 16G, 3], with 16G = R(t) rounded up (coarse to fine).
+  -> to_pixel -> [B, pG, pG, 3], with pG = R(t) rounded up to a multiple of the patch size
+  p (coarse to fine).
 
 Static shapes: the decoder always takes all N code slots and masks the keys of slots >= t
 (exact: masked keys get zero attention weight), so a compiled decoder exists per output grid
@@ -214,11 +215,11 @@ class DetailFlow(nn.Module):
         )
 
     def decode(self, codes: jax.Array, num_tokens: jax.Array | int, grid: int) -> jax.Array:
-        """[B, L, D] unit codes -> [B, 16G, 16G, 3] from the first num_tokens codes."""
+        """[B, L, D] unit codes -> [B, pG, pG, 3] from the first num_tokens codes."""
         return self.decoder(self.post_quant_conv(codes), num_tokens, grid)
 
     def decode_indices(self, indices: jax.Array, num_tokens: jax.Array | int, grid: int):
-        """[B, L] int codes -> [B, 16G, 16G, 3] from the first num_tokens codes."""
+        """[B, L] int codes -> [B, pG, pG, 3] from the first num_tokens codes."""
         return self.decode(self.quantize.lookup(indices), num_tokens, grid)
 
     def self_correction(
@@ -283,7 +284,7 @@ class DetailFlow(nn.Module):
     ) -> dict[str, Any]:
         """The training forward with self-correction (also initialises every parameter).
 
-        Returns a dict: `reconstructions` [2B, 16G, 16G, 3] (the clean codes, then the
+        Returns a dict: `reconstructions` [2B, pG, pG, 3] (the clean codes, then the
         corrected ones, decoded from their first num_tokens), `correction` (SelfCorrection)
         and `first_token` ([B, teacher width], the alignment prediction).
         """
@@ -409,7 +410,8 @@ class DetailFlowTokenizer(api.Tokenizer):
             ).indices
         )
 
-    def _images(self, images: Any) -> jax.Array:
+    def prepare(self, images: Any) -> jax.Array:
+        """Validates [B, R, R, 3] images (uint8 or [-1, 1] floats) -> float32 in [-1, 1]."""
         m = self.config.model
         images = api.prepare_images(images, m.encoder.patch_size)
         if images.shape[1:3] != (m.image_size, m.image_size):
@@ -421,7 +423,7 @@ class DetailFlowTokenizer(api.Tokenizer):
 
     def encode(self, images: Any) -> jax.Array:
         """[B, R, R, 3] uint8 or [-1, 1] floats -> int32 [B, N] indices, coarse to fine."""
-        return self._encode(self.params, self._images(images))
+        return self._encode(self.params, self.prepare(images))
 
     def encode_self_correction(self, images: Any, noise_idx: int, seed: int = 0) -> jax.Array:
         """The (B, N, 3) index stack clean / input / label of spec 3 (code extraction).
@@ -430,14 +432,14 @@ class DetailFlowTokenizer(api.Tokenizer):
         drawn from `jax.random.PRNGKey(seed)`.
         """
         m = self.config.model
-        valid = noise_idx < m.causal_num or noise_idx % m.group_size == 0
-        if not (0 <= noise_idx and valid and noise_idx + self.resolutions.noise_count(noise_idx)
-                <= self.num_tokens):
+        single = 0 <= noise_idx < m.causal_num
+        group = noise_idx % m.group_size == 0 and m.causal_num <= noise_idx < self.num_tokens
+        if not (single or group):
             raise ValueError(
                 f"noise_idx must be in [0, {m.causal_num}) or a group start < {self.num_tokens}"
                 f" (a multiple of {m.group_size}), got {noise_idx}"
             )
-        images = self._images(images)
+        images = self.prepare(images)
         ranks = draw_neighbour_ranks(
             jax.random.PRNGKey(seed), (images.shape[0], self.num_tokens),
             m.neighbour_top_k,
@@ -445,7 +447,8 @@ class DetailFlowTokenizer(api.Tokenizer):
         return self._correct(self.params, images, noise_idx, ranks)
 
     def decode(self, indices: Any, num_tokens: int | None = None, resolution: int | None = None):
-        """Token indices -> float32 [B, S, S, 3] in [-1, 1].
+        """Token indices -> float32 [B, S, S, 3], clipped to [-1, 1] (`DetailFlow.decode`,
+        like the original decoder, is unclamped).
 
         Args:
           indices: int [B, L], L <= N (a prefix of the coarse-to-fine sequence).
