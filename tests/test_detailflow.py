@@ -2,6 +2,7 @@
 parameter counts and the public tokenizer API (tiny config; full size via eval_shape)."""
 
 import functools
+import json
 import os
 
 import jax
@@ -314,9 +315,10 @@ def test_benchmark_runs_on_tiny():
     config = get_config("tiny")
     with config.unlocked():
         config.benchmark.prefix_lengths = (1, 2, 16)
-        config.benchmark.iterations = 1
-    result = benchmark_detailflow.run(config, params)
-    assert result["encode"]["images_per_s"] > 0 and result["encode"]["compile_s"] > 0
-    assert {n: r["resolution"] for n, r in result["decode"].items()} == {1: 8, 2: 8, 16: 32}
-    assert set(result["decode_compile_s"]) == {8, 32}
-    assert "peak_memory_bytes" in result
+    result = benchmark_detailflow.run(config, params, batch_size=2, iterations=1)
+    assert result["encode_images_per_second"] > 0 and result["compile_seconds"]["encode"] > 0
+    assert result["decode_resolution"] == {1: 8, 2: 8, 16: 32}
+    assert set(result["decode_images_per_second"]) == {1, 2, 16}
+    assert set(result["compile_seconds"]["decode"]) == {8, 32}
+    assert result["peak_host_rss_bytes"] > 0 and "peak_device_bytes" in result
+    json.dumps(result)
