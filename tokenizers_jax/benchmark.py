@@ -28,8 +28,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant]
                                           lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory with weights to time "
                                   "(default: random weights).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 4, "Images per call.")
-_ITERATIONS = flags.DEFINE_integer("iterations", 3, "Timed calls after one warm-up call.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per call (default: 4, or the "
+                                   "config's benchmark section).")
+_ITERATIONS = flags.DEFINE_integer("iterations", None, "Timed calls after one warm-up call "
+                                   "(default: 3, or the config's benchmark section).")
 
 BENCHMARKS = ("flowmo", "detailflow", "train")
 
@@ -75,15 +77,15 @@ def benchmark_flowmo(config: ml_collections.ConfigDict, params: Any, batch_size:
 
 
 def run(name: str, config: ml_collections.ConfigDict, checkpoint: str | None = None,
-        batch_size: int = 4, iterations: int = 3) -> dict[str, Any]:
+        batch_size: int | None = None, iterations: int | None = None) -> dict[str, Any]:
     """Runs one benchmark and returns its JSON-able result."""
     params = exported.load_params(checkpoint) if checkpoint else None
     if name == "flowmo":
-        return benchmark_flowmo(config, params, batch_size, iterations)
+        return benchmark_flowmo(config, params, batch_size or 4, iterations or 3)
     if name == "detailflow":
         from tokenizers_jax import benchmark_detailflow  # pylint: disable=import-outside-toplevel
 
-        return benchmark_detailflow.run(config, params)
+        return benchmark_detailflow.run(config, params, batch_size, iterations)
     if name == "train":
         from tokenizers_jax import benchmark_train  # pylint: disable=import-outside-toplevel
 
