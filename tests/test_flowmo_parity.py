@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reference import flowmo_torch as R  # noqa: E402
+from reference.flowmo_layout import spec_state_dict_shapes  # noqa: E402
 
 from tokenizers_jax import flow  # noqa: E402
 from tokenizers_jax.config_file import load_config  # noqa: E402
@@ -136,33 +137,6 @@ def normal_nhwc(b, size, seed):
 # --------------------------------------------------------------------------------------------
 # State dict layout of the full configs (spec 9)
 # --------------------------------------------------------------------------------------------
-def spec9_shapes(ctx: int) -> dict[str, tuple]:
-    """Spec section 9's table, transcribed."""
-    out = {}
-    for side, h, d, depth, c in (("encoder", 768, 64, 8, ctx), ("decoder", 1152, 96, 16, ctx + 1)):
-        lin = lambda name, o, i: out.update({f"{side}.{name}.weight": (o, i),  # noqa: E731
-                                             f"{side}.{name}.bias": (o,)})
-        lin("time_in.in_layer", h, 256)
-        lin("time_in.out_layer", h, h)
-        lin("img_in", h, 48)
-        lin("txt_in", h, c)
-        for i in range(depth):
-            for s in ("img", "txt"):
-                b = f"double_blocks.{i}.{s}"
-                lin(f"{b}_mod.lin", 6 * h, h)
-                lin(f"{b}_attn.qkv", 3 * h, h)
-                out[f"{side}.{b}_attn.norm.query_norm.scale"] = (d,)
-                out[f"{side}.{b}_attn.norm.key_norm.scale"] = (d,)
-                lin(f"{b}_attn.proj", h, h)
-                lin(f"{b}_mlp.0", 4 * h, h)
-                lin(f"{b}_mlp.2", h, 4 * h)
-        lin("final_layer_img.linear", 48, h)
-        lin("final_layer_img.adaLN_modulation.1", 2 * h, h)
-        lin("final_layer_txt.linear", c, h)
-        lin("final_layer_txt.adaLN_modulation.1", 2 * h, h)
-    return out
-
-
 @pytest.mark.parametrize("variant,ref_cfg,ctx,n_params", [
     ("lo", R.LO, 18, 945_374_085), ("hi", R.HI, 56, 945_520_081)])
 def test_state_dict_layout_full(variant, ref_cfg, ctx, n_params):
@@ -170,7 +144,7 @@ def test_state_dict_layout_full(variant, ref_cfg, ctx, n_params):
         ref = R.FlowMo(ref_cfg)
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert len(ref_shapes) == 608
-    assert ref_shapes == spec9_shapes(ctx)
+    assert ref_shapes == spec_state_dict_shapes(ctx)
     assert sum(int(np.prod(s)) for s in ref_shapes.values()) == n_params
 
     config = load_config(f"configs/flowmo.py:{variant}")
