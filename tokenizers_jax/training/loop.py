@@ -68,10 +68,9 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation,
     accum, groups = train_config.grad_accum_steps, train_config.loss_groups
     micro_sharding = NamedSharding(mesh, P(None, sharding_lib.BATCH_AXES))
 
-    def micro_batch_loss(params, constants, micro_batch, key):
-        """Mean loss over the groups of one micro-batch (vmapped over groups)."""
+    def micro_batch_loss(params, constants, micro_batch, keys):
+        """Mean loss over the groups of one micro-batch (vmapped over groups; keys [G, 2])."""
         grouped = jax.tree.map(lambda x: _interleave(x, groups), micro_batch)
-        keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(groups))
         losses, metrics = jax.vmap(task.loss, in_axes=(None, None, 0, 0))(
             params, constants, grouped, keys)
         return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
@@ -86,8 +85,9 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation,
 
         def accumulate(grads, inputs):
             micro_batch, index = inputs
-            key = jax.random.fold_in(step_key, index * groups)
-            (loss, metrics), micro_grads = grad_fn(state.params, constants, micro_batch, key)
+            sub_batches = index * groups + jnp.arange(groups)
+            keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(sub_batches)
+            (loss, metrics), micro_grads = grad_fn(state.params, constants, micro_batch, keys)
             grads = jax.tree.map(lambda g, m: g + m / accum, grads, micro_grads)
             return grads, dict(metrics, loss=loss)
 

@@ -75,7 +75,8 @@ def _fit_to_shape(spec: P, shape: Sequence[int], mesh: Mesh, where: str) -> P:
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         names = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,) if axes else ()
         if not all(isinstance(name, str) for name in names):
-            logging.warning("replicating %s dim %d: logical axis %r has no rule", where, dim, axes)
+            logging.log_first_n(logging.WARNING, "replicating %s dim %d: logical axis %r is not "
+                                "a name with a rule in config.mesh.rules", 1, where, dim, axes)
             axes, names = None, ()
         size = math.prod(mesh.shape[name] for name in names)
         if names and dim % size:
