@@ -39,6 +39,7 @@ def _step(config, batch):
     return step(state, constants, batch)
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_equal_loss_groups_of_one_batch():
     """LFQ entropy is per sub-batch: 2 accumulated micro-batches == 1 batch in 2 groups."""
     batch = {"image": np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), np.uint8)}

@@ -118,3 +118,11 @@ def test_train_step_freezes_encoder_fixes_norms_and_updates_ema():
     ema = jax.device_get(state.ema_params)["decoder"]["double_blocks_0"]["bias"]
     np.testing.assert_allclose(ema, 0.5 * block0["bias"] + 0.5 * block["bias"], rtol=1e-5,
                                atol=1e-7)
+
+
+def test_train_benchmark_reports_throughput_and_compile_time():
+    from tokenizers_jax import benchmark_train
+
+    result = benchmark_train.run(toy_config(), iterations=2)
+    assert result["images_per_second"] > 0 and result["compile_seconds"] > 0
+    assert result["global_batch_size"] == 8 and np.isfinite(result["loss"])

@@ -54,6 +54,12 @@ class Task(abc.ABC):
                  ) -> tuple[dict[str, jax.Array], jax.Array]:
         """(dict of scalar metrics, images [B, H, W, 3] in [-1, 1] shown under the inputs)."""
 
+    def synthetic_batch(self, batch_size: int) -> Batch:
+        """A random batch shaped like the data pipeline's (for benchmarks): uint8 images."""
+        size = self.config.data.image_size
+        rng = np.random.default_rng(0)
+        return {"image": rng.integers(0, 256, (batch_size, size, size, 3), np.uint8)}
+
     @staticmethod
     def batch_images(batch: Batch) -> np.ndarray:
         """The input images of a batch as float [B, H, W, 3] in [-1, 1] (for the image grid)."""

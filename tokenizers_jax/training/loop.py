@@ -29,7 +29,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tokenizers_jax import tasks
+from tokenizers_jax import tasks, timing
 from tokenizers_jax.training import checkpoint as checkpoint_lib
 from tokenizers_jax.training import optimizer as optimizer_lib
 from tokenizers_jax.training import sharding as sharding_lib
@@ -125,9 +125,7 @@ def compile_train_step(task, tx, config, mesh, shardings, fixed_norm_mask, state
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
     )
-    start = time.perf_counter()
-    compiled = jitted.lower(state, constants, batch).compile()
-    return compiled, time.perf_counter() - start
+    return timing.compile_seconds(jitted, state, constants, batch)
 
 
 def abstract_state(task, tx) -> state_lib.TrainState:
