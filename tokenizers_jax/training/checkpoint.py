@@ -183,7 +183,10 @@ class PreemptionWatcher:
         self._stop = threading.Event()
         self._previous = None
         if not self._multi_process:
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            if threading.current_thread() is not threading.main_thread():
+                logging.warning("not in the main thread: SIGTERM will not trigger a checkpoint")
+            else:
+                self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame):
         del signum, frame
