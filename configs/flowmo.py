@@ -133,6 +133,8 @@ def add_training(config: ml_collections.ConfigDict, arg: str):
     )
     config.logging = ml_collections.ConfigDict(dict(every=100))
     config.eval = ml_collections.ConfigDict(dict(every=5000, num_images=8, use_ema=True, seed=0))
+    # The evaluation job (python -m tokenizers_jax.evaluate): see add_evaluation.
+    add_evaluation(config.eval)
     config.data = default_data_config()
     config.data.image_size = config.model.image_size
 
@@ -153,4 +155,22 @@ def add_training(config: ml_collections.ConfigDict, arg: str):
         config.optim.update(lr=3e-4, freeze_after=-1)
         config.checkpoint.update(every=100, keep=2, keep_every=0)
         config.logging.every = 10
-        config.eval.update(every=100, num_images=8)
+        config.eval.update(every=100, num_images=8, batch_size=10,
+                           allow_random_init_networks=True)
+
+
+def add_evaluation(eval_config: ml_collections.ConfigDict):
+    """Fields of the evaluation job (tokenizers_jax.evaluation); eval.seed seeds its noise.
+
+    Fields:
+      batch_size          global batch (a multiple of the device count; of 5 for the
+                          FlowMo batch-PSNR compatibility metric).
+      grid_size           originals / reconstructions shown in the PNG grid.
+      inception_path / lpips_path  converted FID-Inception / LPIPS-VGG model directories
+                          ("" = the default location, see tokenizers_jax.perceptual).
+      allow_random_init_networks  random Inception/LPIPS when their weights are absent: rFID
+                          and LPIPS become meaningless (smoke tests only; marked in the output).
+    The evaluated set is config.data's eval split; data.num_eval_examples subsamples it.
+    """
+    eval_config.update(dict(batch_size=40, grid_size=8, inception_path="", lpips_path="",
+                            allow_random_init_networks=False))
