@@ -3,6 +3,7 @@
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -126,3 +127,23 @@ def test_train_benchmark_reports_throughput_and_compile_time():
     result = benchmark_train.run(toy_config(), iterations=2)
     assert result["images_per_second"] > 0 and result["compile_seconds"] > 0
     assert result["global_batch_size"] == 8 and np.isfinite(result["loss"])
+
+
+def test_encoder_freeze_survives_a_restart(tmp_path):
+    workdir = str(tmp_path)
+    config = toy_config(num_steps=3)
+    config.optim.freeze_after = 2  # updates 0 and 1 train the encoder; 2, 3, ... do not
+    loop.train_and_evaluate(config, workdir)
+    config.train.num_steps = 6
+    loop.train_and_evaluate(config, workdir)  # resumed at 3
+
+    from training_toy import ToyTask
+
+    abstract = nn.unbox(jax.eval_shape(ToyTask(config).init_params, jax.random.PRNGKey(0)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+    at_3, at_6 = (checkpoint.restore_params(workdir, abstract, shardings, step=step)
+                  for step in (3, 6))
+    np.testing.assert_array_equal(at_6["encoder"]["kernel"], at_3["encoder"]["kernel"])
+    assert not np.allclose(at_6["decoder"]["double_blocks_0"]["bias"],
+                           at_3["decoder"]["double_blocks_0"]["bias"])

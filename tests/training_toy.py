@@ -73,7 +73,7 @@ def toy_config(**train):
     config.data.read_threads = 1
     config.train.update(dict(num_steps=6, batch_size=8), **train)
     config.optim.lr = 1e-2
-    config.checkpoint.every = 3
+    config.checkpoint.update(every=3, keep=5)
     config.logging.every = 1
     config.eval.update(every=3, num_images=4)
     return config
