@@ -136,7 +136,7 @@ def example_noise(seed: int, first_index: jax.Array, shape: tuple[int, ...]) -> 
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape[1:]))(indices)
 
 
-def make_eval_step(reconstructor: Reconstructor, seed: int, codebook_size: int):
+def make_eval_step(reconstructor: Reconstructor, seed: int):
     """(params, inception params, lpips params, uint8 images [B, S, S, 3], mask [B], first
     example index []) -> (per-batch outputs, reconstructions [B, S, S, 3] in [-1, 1]).
 
@@ -151,6 +151,7 @@ def make_eval_step(reconstructor: Reconstructor, seed: int, codebook_size: int):
         indices, reconstructions = reconstructor.reconstruct(params, images, noise)
         images01, reconstructions01 = (images + 1) / 2, (reconstructions + 1) / 2
         weights = jnp.broadcast_to(mask[:, None], indices.shape).astype(jnp.int32)
+        counts = jnp.zeros(reconstructor.codebook_size, jnp.int32).at[indices].add(weights)
         outputs = dict(
             mask=mask,
             psnr=metrics.psnr(images01, reconstructions01),
@@ -158,7 +159,7 @@ def make_eval_step(reconstructor: Reconstructor, seed: int, codebook_size: int):
             lpips=lpips.lpips_distance(lpips_params, images, reconstructions),
             real_features=inception.inception_features(inception_params, images01),
             recon_features=inception.inception_features(inception_params, reconstructions01),
-            code_counts=jnp.zeros(codebook_size, jnp.int32).at[indices].add(weights),
+            code_counts=counts,
         )
         batch = images.shape[0]
         if batch % COMPAT_GROUP == 0:
@@ -182,7 +183,8 @@ class _Totals:
         self.code_counts = np.zeros(codebook_size, np.int64)
         self.compat_sum, self.compat_groups = 0.0, 0
 
-    def update(self, outputs: dict[str, np.ndarray], mask: np.ndarray):
+    def update(self, outputs: dict[str, np.ndarray]):
+        mask = outputs["mask"]
         self.count += int(mask.sum())
         for name in self.sums:
             self.sums[name] += float(np.sum(outputs[name][mask], dtype=np.float64))
@@ -231,7 +233,7 @@ class Evaluator:
                 raise ValueError(f"no evaluation for model {config.model.name!r}; "
                                  f"known: {sorted(RECONSTRUCTORS)}")
             reconstructor = RECONSTRUCTORS[config.model.name](config)
-            step = make_eval_step(reconstructor, config.eval.seed, reconstructor.codebook_size)
+            step = make_eval_step(reconstructor, config.eval.seed)
             batch = sharding.batch_sharding(self.mesh)
             replicated = sharding.replicated(self.mesh)
             # Outputs replicated: every process reads the whole global batch's metrics.
@@ -275,7 +277,7 @@ class Evaluator:
                                        images, mask, first_index)
             outputs = jax.device_get(outputs)
             valid = outputs["mask"]
-            totals.update(outputs, valid)
+            totals.update(outputs)
             if sum(len(x) for x in originals) < grid_size:
                 images_host, recon_host = multihost_utils.process_allgather(
                     (images, recon), tiled=True)
