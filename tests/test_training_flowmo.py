@@ -28,15 +28,8 @@ def test_lo_masks_fix_240_matrices_and_freeze_the_whole_encoder():
 
 
 def _step(config, batch):
-    from tokenizers_jax.training import sharding, state as state_lib
-
-    task, mesh, tx, shardings, norm_mask = loop.setup(config)
-    state = state_lib.create_state(task.init_params, tx, shardings, config.seed)
-    constants = sharding.replicate(task.constants, mesh)
-    batch = sharding.global_batch(batch, mesh)
-    step, _ = loop.compile_train_step(task, tx, config, mesh, shardings, norm_mask, state,
-                                      constants, batch)
-    return step(state, constants, batch)
+    fresh = loop.fresh_step(config, batch)
+    return fresh.step(fresh.state, fresh.constants, fresh.batch)
 
 
 @pytest.mark.slow

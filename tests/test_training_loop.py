@@ -70,15 +70,8 @@ def test_indivisible_global_batch_is_a_startup_error(tmp_path):
 
 
 def _one_step(config, batch):
-    task, mesh, tx, shardings, norm_mask = loop.setup(config)
-    from tokenizers_jax.training import sharding, state as state_lib
-
-    state = state_lib.create_state(task.init_params, tx, shardings, config.seed)
-    constants = sharding.replicate(task.constants, mesh)
-    batch = sharding.global_batch(batch, mesh)
-    step, _ = loop.compile_train_step(task, tx, config, mesh, shardings, norm_mask, state,
-                                      constants, batch)
-    return step(state, constants, batch)
+    fresh = loop.fresh_step(config, batch)
+    return fresh.step(fresh.state, fresh.constants, fresh.batch)
 
 
 def test_gradient_accumulation_equals_the_full_batch_step():
@@ -103,12 +96,9 @@ def test_train_step_freezes_encoder_fixes_norms_and_updates_ema():
     config = toy_config()
     config.optim.freeze_after = 0
     config.train.update(ema_decay=0.5, ema_every=1)
-    task, mesh, tx, shardings, norm_mask = loop.setup(config)
-    from tokenizers_jax.training import sharding, state as state_lib
-
-    state0 = state_lib.create_state(task.init_params, tx, shardings, config.seed)
-    initial = jax.device_get(state0.params)
-    state, _ = _one_step(config, batch)
+    fresh = loop.fresh_step(config, batch)
+    initial = jax.device_get(fresh.state.params)
+    state, _ = fresh.step(fresh.state, fresh.constants, fresh.batch)
     params = jax.device_get(state.params)
     np.testing.assert_array_equal(params["encoder"]["kernel"], initial["encoder"]["kernel"])
     block, block0 = params["decoder"]["double_blocks_0"], initial["decoder"]["double_blocks_0"]

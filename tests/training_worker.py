@@ -10,6 +10,7 @@ import os
 import sys
 
 import jax
+import numpy as np
 
 
 def micro_flowmo_config(batch_size=16):
@@ -30,24 +31,16 @@ def micro_flowmo_config(batch_size=16):
 def main(mode, workdir, *args):
     if mode == "step":
         jax.config.update("jax_num_cpu_devices", int(args[0]))
-        import numpy as np
-
-        from tokenizers_jax.training import loop, sharding, state as state_lib
-
+        from tokenizers_jax.training import loop
         from training_toy import toy_config
 
         config = micro_flowmo_config() if args[1] == "flowmo" else toy_config(
             batch_size=16, grad_accum_steps=2, loss_groups=2)
         config.mesh.update(data=2 if int(args[0]) > 1 else 1, fsdp=-1)
-        task, mesh, tx, shardings, norm_mask = loop.setup(config)
-        state = state_lib.create_state(task.init_params, tx, shardings, config.seed)
         size = config.data.image_size
         batch = {"image": np.random.default_rng(0).integers(0, 256, (16, size, size, 3), np.uint8)}
-        batch = sharding.global_batch(batch, mesh)
-        constants = sharding.replicate(task.constants, mesh)
-        step, _ = loop.compile_train_step(task, tx, config, mesh, shardings, norm_mask, state,
-                                          constants, batch)
-        state, metrics = step(state, constants, batch)
+        fresh = loop.fresh_step(config, batch)
+        state, metrics = fresh.step(fresh.state, fresh.constants, fresh.batch)
         block = state.params["decoder"]["double_blocks_0"]
         kernel = block["img_mlp"]["fc1"]["kernel"] if args[1] == "flowmo" else block["kernel"]
         result = dict(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),

@@ -14,18 +14,12 @@ import ml_collections
 import numpy as np
 
 from tokenizers_jax import timing
-from tokenizers_jax.training import loop, sharding, state as state_lib
+from tokenizers_jax.training import loop
 
 
 def run(config: ml_collections.ConfigDict, iterations: int = 3) -> dict[str, Any]:
     """Compiles the train step, runs one warm-up and `iterations` timed steps."""
-    task, mesh, tx, shardings, fixed_norm_mask = loop.setup(config)
-    state = state_lib.create_state(task.init_params, tx, shardings, config.seed)
-    constants = sharding.replicate(task.constants, mesh)
-    local_rows = config.train.batch_size // jax.process_count()
-    batch = sharding.global_batch(task.synthetic_batch(local_rows), mesh)
-    step, compile_seconds = loop.compile_train_step(task, tx, config, mesh, shardings,
-                                                    fixed_norm_mask, state, constants, batch)
+    step, state, constants, batch, compile_seconds = loop.fresh_step(config)
     state, metrics = step(state, constants, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -40,7 +34,7 @@ def run(config: ml_collections.ConfigDict, iterations: int = 3) -> dict[str, Any
         "variant": config.get("variant"),
         "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
-        "mesh": dict(mesh.shape),
+        "mesh": dict(batch["image"].sharding.mesh.shape),
         "dtype": config.model.get("dtype"),
         "global_batch_size": config.train.batch_size,
         "grad_accum_steps": config.train.grad_accum_steps,

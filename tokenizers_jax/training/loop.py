@@ -15,16 +15,14 @@ sub-batch (i, g) draws its randomness from fold_in(step key, i * G + g). So (n=2
 
 from __future__ import annotations
 
-import functools
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -146,6 +144,33 @@ def setup(config: ml_collections.ConfigDict):
     return task, mesh, tx, shardings, task.fixed_norm_mask(params_shape)
 
 
+class FreshStep(NamedTuple):
+    """A step-0 state and the train step compiled for it (benchmarks, tests)."""
+
+    step: Callable[..., Any]  # (state, constants, batch) -> (state, metrics), donates state
+    state: state_lib.TrainState
+    constants: Any
+    batch: Any
+    compile_seconds: float
+
+
+def fresh_step(config: ml_collections.ConfigDict, local_batch: Any | None = None) -> FreshStep:
+    """A freshly initialised sharded state and the step compiled for `local_batch`.
+
+    Args:
+      local_batch: this process's rows of a global batch; None for the task's synthetic batch.
+    """
+    task, mesh, tx, shardings, fixed_norm_mask = setup(config)
+    if local_batch is None:
+        local_batch = task.synthetic_batch(config.train.batch_size // jax.process_count())
+    state = state_lib.create_state(task.init_params, tx, shardings, config.seed)
+    constants = sharding_lib.replicate(task.constants, mesh)
+    batch = sharding_lib.global_batch(local_batch, mesh)
+    step, seconds = compile_train_step(task, tx, config, mesh, shardings, fixed_norm_mask, state,
+                                       constants, batch)
+    return FreshStep(step, state, constants, batch, seconds)
+
+
 def _initial_state(config, task, tx, shardings, checkpointer, train_iterator):
     """Latest checkpoint in the workdir, else `init_from`'s params, else a fresh init."""
     latest = checkpointer.latest_step()
@@ -178,7 +203,7 @@ class _Evaluator:
 
     def __init__(self, task, config, mesh, params_shardings, constants, eval_batch, writer):
         replicated = sharding_lib.replicated(mesh)
-        self.task, self.writer = task, writer
+        self.writer = writer
         self.use_ema = config.eval.use_ema
         self.batch = sharding_lib.replicate(eval_batch, mesh)
         self.inputs = task.batch_images(eval_batch)
@@ -197,14 +222,9 @@ class _Evaluator:
         return metrics
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       data: tuple[Iterator[Any], Any] | None = None) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-    Args:
-      data: (train iterator, eval batch) to use instead of `config.data`'s pipelines. The
-        iterator yields this process's rows of each global batch and must be checkpointable
-        by grain (get_state / set_state).
     Returns:
       a summary: final step, last train metrics, last eval metrics, compile seconds, and
       `stopped` ("done" or "preempted").
@@ -212,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir = os.path.abspath(workdir)
     checkpoint_lib.save_config(workdir, config)
     task, mesh, tx, shardings, fixed_norm_mask = setup(config)
-    train_iterator, eval_batch = data or input_pipelines(config)
+    train_iterator, eval_batch = input_pipelines(config)
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     writer = MetricWriter(workdir, config.train.num_steps)
     watcher = checkpoint_lib.PreemptionWatcher()
