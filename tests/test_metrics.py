@@ -154,6 +154,9 @@ def test_codebook_usage():
     usage = jax.jit(metrics.codebook_usage, static_argnums=1)(skewed, 16)
     np.testing.assert_allclose(usage.fraction_used, 3 / 16)
     np.testing.assert_allclose(usage.perplexity, np.exp(-np.sum(probs * np.log(probs))), rtol=1e-6)
+    from_counts = metrics.codebook_usage_from_counts(np.bincount(skewed, minlength=16))
+    np.testing.assert_allclose(from_counts.perplexity, usage.perplexity, rtol=1e-6)
+    np.testing.assert_allclose(from_counts.fraction_used, 3 / 16)
 
 
 def test_bits_per_pixel():

@@ -296,8 +296,7 @@ class Evaluator:
             raise RuntimeError(f"evaluated {totals.count} examples, expected {self.num_examples}")
         real_mean, real_cov = totals.real.mean_cov()
         recon_mean, recon_cov = totals.recon.mean_cov()
-        codes = np.repeat(np.arange(reconstructor.codebook_size), totals.code_counts)
-        usage = metrics.codebook_usage(codes, reconstructor.codebook_size)
+        usage = metrics.codebook_usage_from_counts(totals.code_counts)
         size = config.data.image_size
         compat = totals.compat_sum / totals.compat_groups if totals.compat_groups else None
         return dict(

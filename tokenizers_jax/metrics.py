@@ -178,7 +178,13 @@ def codebook_usage(indices: jax.Array, codebook_size: int) -> CodebookUsage:
 
     Builds a histogram of `codebook_size` bins, so it suits codebooks up to a few million.
     """
-    counts = jnp.bincount(jnp.ravel(indices), length=codebook_size)
+    return codebook_usage_from_counts(jnp.bincount(jnp.ravel(indices), length=codebook_size))
+
+
+def codebook_usage_from_counts(counts: jax.Array) -> CodebookUsage:
+    """Usage statistics from a histogram of code counts [codebook_size] (e.g. accumulated
+    over an evaluation): the fraction of codes used and the perplexity exp(H)."""
+    counts = jnp.asarray(counts, jnp.float32)
     probs = counts / jnp.sum(counts)
     entropy = -jnp.sum(jnp.where(counts > 0, probs * jnp.log(jnp.where(counts > 0, probs, 1)), 0))
     return CodebookUsage(jnp.mean(counts > 0), jnp.exp(entropy))
