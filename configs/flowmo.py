@@ -150,10 +150,10 @@ def add_training(config: ml_collections.ConfigDict, arg: str):
         # No perceptual term: random VGG weights would only add noise and 6x the step time.
         # Tests opt into random LPIPS weights with train.perceptual_random_init=True.
         config.loss.perceptual = "none"
-        config.train.update(num_steps=300, batch_size=8, grad_accum_steps=1, loss_groups=1,
+        config.train.update(num_steps=500, batch_size=8, grad_accum_steps=1, loss_groups=1,
                             ema_decay=0.98, ema_every=1)
         config.optim.update(lr=3e-4, freeze_after=-1)
-        config.checkpoint.update(every=100, keep=2, keep_every=0)
+        config.checkpoint.update(every=250, keep=2, keep_every=0)
         config.logging.every = 10
         config.eval.update(every=100, num_images=8, batch_size=10,
                            allow_random_init_networks=True)
