@@ -155,7 +155,7 @@ def add_training(config: ml_collections.ConfigDict, arg: str):
         config.optim.update(lr=3e-4, freeze_after=-1)
         config.checkpoint.update(every=250, keep=2, keep_every=0)
         config.logging.every = 10
-        config.eval.update(every=100, num_images=8, batch_size=10,
+        config.eval.update(every=250, num_images=8, batch_size=10,
                            allow_random_init_networks=True)
 
 
