@@ -200,18 +200,21 @@ def attention(
     )
 
 
-class MLP(nn.Module):
-    """Linear -> GELU (tanh approximation) -> Linear, with biases."""
+class FeedForward(nn.Module):
+    """Linear -> GELU (tanh approximation) -> Linear, with biases (PyTorch inits by default)."""
 
     hidden: int
     dtype: Dtype = jnp.float32
+    kernel_init: Initializer | None = None
+    bias_init: Callable[[int], Initializer] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., D] -> [..., D]
-        width = x.shape[-1]
-        h = Dense(self.hidden, kernel_axes=(EMBED, MLP), dtype=self.dtype, name="fc1")(x)
-        h = nn.gelu(h, approximate=True)
-        return Dense(width, kernel_axes=(MLP, EMBED), dtype=self.dtype, name="fc2")(h)
+        dense = lambda features, axes, name: Dense(
+            features, kernel_axes=axes, dtype=self.dtype, kernel_init=self.kernel_init,
+            bias_init=self.bias_init, name=name)
+        h = nn.gelu(dense(self.hidden, (EMBED, MLP), "fc1")(x), approximate=True)
+        return dense(x.shape[-1], (MLP, EMBED), "fc2")(h)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:

@@ -145,7 +145,7 @@ class DoubleStreamBlock(nn.Module):
         for stream in ("img", "txt"):
             setattr(self, f"{stream}_mod", Modulation(c.hidden_size, self.dtype))
             setattr(self, f"{stream}_attn", StreamAttention(c.hidden_size, c.num_heads, self.dtype))
-            setattr(self, f"{stream}_mlp", layers.MLP(mlp_hidden, self.dtype))
+            setattr(self, f"{stream}_mlp", layers.FeedForward(mlp_hidden, self.dtype))
 
     def _modulations(self, stream: str, vec: jax.Array | None, reference: jax.Array):
         mod = getattr(self, f"{stream}_mod")

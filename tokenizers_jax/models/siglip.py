@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tokenizers_jax import layers
-from tokenizers_jax.layers import EMBED, HEADS, IO, MLP, Dense, LayerNorm
+from tokenizers_jax.layers import EMBED, HEADS, IO, Dense, LayerNorm
 from tokenizers_jax.resize import resize_bilinear
 
 Dtype = Any
@@ -65,22 +65,6 @@ class SiglipAttention(nn.Module):
         return project("out_proj", (HEADS, EMBED))(out.reshape(b, length, width))
 
 
-class SiglipMLP(nn.Module):
-    """fc1 -> GELU (tanh) -> fc2, with HF's init (xavier weights, N(0, 1e-6) biases)."""
-
-    hidden: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        width = x.shape[-1]
-        h = Dense(self.hidden, kernel_axes=(EMBED, MLP), dtype=self.dtype, kernel_init=_xavier,
-                  bias_init=_tiny_normal_bias, name="fc1")(x)
-        h = nn.gelu(h, approximate=True)
-        return Dense(width, kernel_axes=(MLP, EMBED), dtype=self.dtype, kernel_init=_xavier,
-                     bias_init=_tiny_normal_bias, name="fc2")(h)
-
-
 class SiglipBlock(nn.Module):
     """x + attn(LN1(x)); x + mlp(LN2(x))."""
 
@@ -94,7 +78,8 @@ class SiglipBlock(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         attn = SiglipAttention(self.num_heads, self.dtype, self.attention_impl, name="self_attn")
         x = x + attn(LayerNorm(self.eps, name="layer_norm1")(x), mask)
-        mlp = SiglipMLP(self.mlp_dim, self.dtype, name="mlp")
+        mlp = layers.FeedForward(self.mlp_dim, self.dtype, kernel_init=_xavier,
+                                 bias_init=_tiny_normal_bias, name="mlp")  # HF inits
         return x + mlp(LayerNorm(self.eps, name="layer_norm2")(x))
 
 
