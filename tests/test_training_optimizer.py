@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from tokenizers_jax.training import optimizer, sharding
@@ -25,6 +26,29 @@ def test_freeze_after_zeroes_masked_updates_from_step_n():
         frozen = step >= 2
         assert bool(jnp.all(updates["encoder"] == 0)) == frozen
         assert bool(jnp.all(updates["decoder"] != 0))
+
+
+def test_freeze_restarts_adam_for_the_leaves_that_keep_training():
+    """At the freeze the original rebuilds Adam: the decoder's next update is a first step."""
+    params = {"encoder": jnp.ones(2), "decoder": jnp.ones(2)}
+    mask = {"encoder": True, "decoder": False}
+    tx = optimizer.make_optimizer(_optim(3), mask)
+    state = tx.init(params)
+    for scale in (5.0, -3.0, 2.0):  # history that a running Adam would remember
+        _, state = tx.update({"encoder": jnp.ones(2), "decoder": jnp.full(2, scale)}, state)
+    grads = {"encoder": jnp.ones(2), "decoder": jnp.array([0.5, -0.25])}
+    updates, state = tx.update(grads, state)
+    fresh = optax.adam(0.1, b1=0.9, b2=0.95, eps=1e-8)
+    expected, _ = fresh.update(grads["decoder"], fresh.init(grads["decoder"]))
+    np.testing.assert_allclose(updates["decoder"], expected, rtol=1e-6)
+    np.testing.assert_allclose(updates["decoder"], [-0.1, 0.1], rtol=1e-5)  # -lr * sign(g)
+    assert bool(jnp.all(updates["encoder"] == 0))
+    # after the restart the state runs on (no second restart)
+    grads2 = {"encoder": jnp.ones(2), "decoder": jnp.array([0.5, 0.25])}
+    updates, _ = tx.update(grads2, state)
+    _, fresh_state = fresh.update(grads["decoder"], fresh.init(grads["decoder"]))
+    expected2, _ = fresh.update(grads2["decoder"], fresh_state)
+    np.testing.assert_allclose(updates["decoder"], expected2, rtol=1e-6)
 
 
 def test_freeze_requires_a_mask_and_is_off_when_negative():

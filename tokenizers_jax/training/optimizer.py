@@ -1,8 +1,10 @@
 """Optimizer (optax), encoder freezing, fix_initial_norms and EMA: pure functions on pytrees.
 
 - Adam(b1, b2, eps) at a constant learning rate, no weight decay or clipping (FlowMo spec 2).
-- `freeze_after(steps, mask)`: zeroes the updates of the masked leaves from update number
-  `steps` on. Its counter lives in the optimizer state, so a resumed run stays frozen.
+- `freeze_after(inner, steps, mask)`: from update number `steps` on, zeroes the updates of
+  the masked leaves, and at that update restarts the inner optimizer's state, as the original
+  does by rebuilding Adam over the decoder alone (spec 5). Its counter lives in the optimizer
+  state, so a resumed run stays frozen.
 - fix_initial_norms (spec 3): after every update, selected matrices are rescaled to their
   reference Frobenius norm (`renormalize`); the reference norms are kept in the train state.
 - EMA (spec 5): every `every` steps, ema <- ema * decay**every + params * (1 - decay**every).
@@ -20,28 +22,34 @@ import optax
 
 class FreezeState(NamedTuple):
     count: jax.Array  # int32 [], number of updates seen
+    inner: Any  # the wrapped optimizer's state
 
 
-def freeze_after(steps: int, mask: Any) -> optax.GradientTransformation:
-    """Zeroes the updates of leaves where `mask` is True once `steps` updates have been made.
+def freeze_after(inner: optax.GradientTransformation, steps: int,
+                 mask: Any) -> optax.GradientTransformation:
+    """Freezes the masked leaves from update `steps` on, restarting `inner` at that update.
 
     Args:
+      inner: the optimizer (e.g. Adam); its state is re-initialised at update `steps`, so its
+        moments and bias correction start afresh for the leaves that keep training.
       steps: first update index (0-based) that is frozen; 0 freezes from the start.
       mask: bool tree with the params' structure, or a callable params -> such a tree.
     """
 
     def init_fn(params):
-        del params
-        return FreezeState(count=jnp.zeros([], jnp.int32))
+        return FreezeState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))
 
     def update_fn(updates, state, params=None):
-        del params
+        restart = state.count == steps
+        inner_state = jax.tree.map(lambda fresh, old: jnp.where(restart, fresh, old),
+                                   inner.init(updates), state.inner)
+        updates, inner_state = inner.update(updates, inner_state, params)
         leaf_mask = mask(updates) if callable(mask) else mask
         frozen = state.count >= steps
         updates = jax.tree.map(
             lambda u, m: jnp.where(frozen, jnp.zeros_like(u), u) if m else u, updates, leaf_mask
         )
-        return updates, FreezeState(count=optax.safe_increment(state.count))
+        return updates, FreezeState(count=optax.safe_increment(state.count), inner=inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -60,7 +68,7 @@ def make_optimizer(
         return adam
     if freeze_mask is None:
         raise ValueError("optim.freeze_after is set but the task defines nothing to freeze")
-    return optax.chain(adam, freeze_after(optim_config.freeze_after, freeze_mask))
+    return freeze_after(adam, optim_config.freeze_after, freeze_mask)
 
 
 def frobenius_norms(params: Any) -> Any:
