@@ -89,7 +89,7 @@ def run(name: str, config: ml_collections.ConfigDict, checkpoint: str | None = N
     if name == "train":
         from tokenizers_jax import benchmark_train  # pylint: disable=import-outside-toplevel
 
-        return benchmark_train.run(config)
+        return benchmark_train.run(config, iterations or 3)
     raise app.UsageError(f"unknown benchmark {name!r}; choose one of {BENCHMARKS}")
 
 
