@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import os
 
-import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from tokenizers_jax import evaluation
+from tokenizers_jax import distributed, evaluation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<model>.py[:variant]",
                                           lock_config=True)
@@ -32,12 +31,7 @@ _POLL_SECONDS = flags.DEFINE_float("poll_seconds", 60.0, "--continuous: seconds 
 _MAX_CHECKPOINTS = flags.DEFINE_integer(
     "max_checkpoints", 0, "--continuous: stop after this many evaluations (0: when the "
     "workdir's final step, train.num_steps, has been evaluated)")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "call jax.distributed.initialize() (auto-detected cluster)")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (multi-process runs)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "index of this process")
+flags.adopt_module_key_flags(distributed)
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
@@ -46,10 +40,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONTINUOUS.value and _STEP.value is not None:
         raise app.UsageError("--step and --continuous exclude each other")
-    if _DISTRIBUTED.value or _COORDINATOR.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    logging.info("process %d/%d, %d devices (%d local)", jax.process_index(),
-                 jax.process_count(), jax.device_count(), jax.local_device_count())
+    distributed.initialize_from_flags()
     output_dir = _WORKDIR.value or os.path.join(_CHECKPOINT.value, "eval")
     if _CONTINUOUS.value:
         evaluation.evaluate_continuously(_CONFIG.value, _CHECKPOINT.value, output_dir,

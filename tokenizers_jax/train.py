@@ -10,31 +10,23 @@ pass --coordinator_address, --num_processes and --process_id explicitly.
 
 from __future__ import annotations
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tokenizers_jax import distributed
 from tokenizers_jax.training import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<model>.py[:variant]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and images")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "call jax.distributed.initialize() (auto-detected cluster)")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (multi-process runs)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "index of this process")
+flags.adopt_module_key_flags(distributed)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _DISTRIBUTED.value or _COORDINATOR.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    logging.info("process %d/%d, %d devices (%d local)", jax.process_index(),
-                 jax.process_count(), jax.device_count(), jax.local_device_count())
+    distributed.initialize_from_flags()
     summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("finished (%s) at step %s", summary["stopped"], summary.get("step"))
 
