@@ -161,3 +161,24 @@ def test_config_errors_name_the_field():
         flowmo.build_model(bad)
     with pytest.raises(ValueError, match="unknown FlowMo variant"):
         load_config("configs/flowmo.py:medium")
+
+
+def test_remat_changes_memory_not_numbers(tiny):
+    config, model, params = tiny
+    remat_config = ml_collections.ConfigDict(config.to_dict())
+    remat_config.model.remat = True
+    remat_model = flowmo.build_model(remat_config)
+    assert jax.tree.structure(flowmo.abstract_params(remat_model)) == jax.tree.structure(params)
+    images = jax.random.uniform(jax.random.key(11), (2, 16, 16, 3), minval=-1, maxval=1)
+
+    def loss_and_grads(m):
+        loss_fn = lambda p: flowmo.training_loss(m, p, images, jax.random.key(12), config)[0]
+        return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+    (loss, grads), (remat_loss, remat_grads) = loss_and_grads(model), loss_and_grads(remat_model)
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 remat_grads, grads)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: flowmo.training_loss(
+        remat_model, p, images, jax.random.key(12), config)[0]))(params))
+    assert "remat" in jaxpr or "checkpoint" in jaxpr

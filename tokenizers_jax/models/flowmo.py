@@ -42,6 +42,7 @@ class FlowMoConfig:
     rope_theta: float = 10000.0
     dtype: str = "float32"
     attention_impl: str = "xla"
+    remat: bool = False
 
     def __post_init__(self):
         if self.context_dim % self.codebook_size_for_entropy:
@@ -85,8 +86,10 @@ class FlowMo(nn.Module):
         dtype = jnp.dtype(c.dtype)
         impl = None if c.attention_impl == "xla" else c.attention_impl
         patch_dim = c.patch_size * c.patch_size * 3
-        self.encoder = MMDiT(c.encoder, patch_dim, c.context_dim, c.rope_theta, dtype, impl)
-        self.decoder = MMDiT(c.decoder, patch_dim, c.context_dim + 1, c.rope_theta, dtype, impl)
+        self.encoder = MMDiT(c.encoder, patch_dim, c.context_dim, c.rope_theta, dtype, impl,
+                             c.remat)
+        self.decoder = MMDiT(c.decoder, patch_dim, c.context_dim + 1, c.rope_theta, dtype, impl,
+                             c.remat)
 
     def _grid(self, images: jax.Array) -> tuple[int, int]:
         p = self.config.patch_size

@@ -214,6 +214,7 @@ class MMDiT(nn.Module):
     rope_theta: float = 10000.0
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     @nn.compact
     def __call__(self, img_tokens, txt_tokens, grid, timesteps=None):
@@ -240,9 +241,10 @@ class MMDiT(nn.Module):
                 time_in(jnp.zeros((1,), jnp.float32))
         ids = position_ids(txt_tokens.shape[1], grid)
         angles = layers.rope_angles(ids, c.axes_dim, self.rope_theta)
+        block_class = nn.remat(DoubleStreamBlock) if self.remat else DoubleStreamBlock
         for i in range(c.depth):
-            img, txt = DoubleStreamBlock(c, self.dtype, self.attention_impl,
-                                         name=f"double_blocks_{i}")(img, txt, vec, angles)
+            img, txt = block_class(c, self.dtype, self.attention_impl,
+                                   name=f"double_blocks_{i}")(img, txt, vec, angles)
         img_out = LastLayer(c.hidden_size, self.patch_dim, self.dtype, name="final_layer_img")(
             img, vec
         )
