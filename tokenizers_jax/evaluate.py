@@ -40,6 +40,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONTINUOUS.value and _STEP.value is not None:
         raise app.UsageError("--step and --continuous exclude each other")
+    distributed.quiet_library_info_logs()
     distributed.initialize_from_flags()
     output_dir = _WORKDIR.value or os.path.join(_CHECKPOINT.value, "eval")
     if _CONTINUOUS.value:

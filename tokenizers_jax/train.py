@@ -26,6 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.quiet_library_info_logs()
     distributed.initialize_from_flags()
     summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info("finished (%s) at step %s", summary["stopped"], summary.get("step"))
