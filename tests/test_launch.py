@@ -56,7 +56,8 @@ def _check_shell(script_text):
         assert checked.returncode == 0, checked.stdout
 
 
-@pytest.mark.parametrize("script", [TPU_POD, SLURM], ids=os.path.basename)
+@pytest.mark.parametrize("script", [TPU_POD, SLURM, os.path.join(ROOT, ".ci", "run")],
+                         ids=["tpu_pod.sh", "slurm_gpu.sbatch", "ci_run"])
 def test_shellcheck_is_clean(script):
     result = subprocess.run([_shellcheck(), script], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
