@@ -48,7 +48,7 @@ Options:
   --ref=REF                 commit, tag or branch to install (default: this checkout's HEAD)
   --copy                    upload this checkout's files (tracked and untracked, not ignored)
                             instead of cloning: for changes that are not pushed
-  --python=VERSION          Python of the workers' venv, made with uv (default 3.11)
+  --python-version=VERSION  Python of the workers' venv, made with uv (default 3.11)
   --config=CONFIG           configs/<model>.py[:variant], relative to the repository
   --workdir=DIR             gs://BUCKET/PATH (mounted with Cloud Storage FUSE at /gcs/BUCKET
                             on every worker) or a directory that all workers share
@@ -133,7 +133,7 @@ while (($#)); do
     --repo=*) REPO=${1#*=} ;;
     --ref=*) REF=${1#*=} ;;
     --copy) COPY=1 ;;
-    --python=*) PYTHON_VERSION=${1#*=} ;;
+    --python-version=*) PYTHON_VERSION=${1#*=} ;;
     --config=*) CONFIG=${1#*=} ;;
     --workdir=*) WORKDIR=${1#*=} ;;
     --mount=*) EXTRA_MOUNTS+=("${1#*=}") ;;
@@ -352,8 +352,7 @@ install_project() {
 
 require_job_settings() {
   [[ -n $WORKDIR ]] || die "--workdir is required for $COMMAND"
-  [[ $COMMAND == evaluate || -n $CONFIG ]] || die "--config is required for $COMMAND"
-  [[ $COMMAND != evaluate || -n $CONFIG ]] || die "--config is required for evaluate (its eval settings and data)"
+  [[ -n $CONFIG ]] || die "--config is required for $COMMAND"
 }
 
 start_training() {
