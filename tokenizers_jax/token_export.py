@@ -60,6 +60,8 @@ from tokenizers_jax.training import checkpoint, sharding
 WRITER_OPTIONS = "group_size:1"
 # Settings that do not change what is written, so a resume may change them.
 FREE_SETTINGS = ("export.batch_size", "data.read_threads", "data.worker_count")
+# Jitted encode steps by model, scheme, export options and devices (see `_Export._compile`).
+_COMPILED_STEPS: dict[str, Callable] = {}
 TEN_CROP_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 
 
@@ -266,6 +268,9 @@ class _Export:
         self.per_shard = self.export.examples_per_shard
         self.num_shards = math.ceil(self.num_examples / self.per_shard)
         self.dtype = tokens.storage_dtype(self.scheme.codebook_size)
+        if self.export.batch_size % jax.local_device_count():
+            raise ValueError(f"export.batch_size={self.export.batch_size} must be a multiple "
+                             f"of this process's {jax.local_device_count()} devices")
 
     def plan(self) -> dict[str, Any]:
         """What the shards hold; a resume must agree on all of it."""
@@ -327,12 +332,11 @@ class _Export:
                      self.process_index, len(todo), len(sizes), self.per_shard)
         if todo:
             done = sum(sizes.values()) - sum(sizes[s] for s in todo)
-            progress = tqdm(total=sum(sizes.values()), initial=done, unit="img",
-                            desc="export", dynamic_ncols=True, disable=self.process_index != 0)
             step = self._compile()
-            for shard in todo:
-                self._write_shard(shard, step, progress)
-            progress.close()
+            with tqdm(total=sum(sizes.values()), initial=done, unit="img", desc="export",
+                      dynamic_ncols=True, disable=self.process_index != 0) as progress:
+                for shard in todo:
+                    self._write_shard(shard, step, progress)
         _barrier("token export shards")
         manifest = self._finish() if self.process_index == 0 else None
         _barrier("token export manifest")
@@ -340,17 +344,20 @@ class _Export:
 
     def _compile(self) -> Callable:
         devices = jax.local_devices()
-        if self.export.batch_size % len(devices):
-            raise ValueError(f"export.batch_size={self.export.batch_size} must be a multiple "
-                             f"of this process's {len(devices)} devices")
-        self.mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)),
-                                       devices)
-        replicated, batch = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices)
+        replicated, self.batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
         self.params = jax.device_put(self.tokenizer.params, replicated)
-        self.batch_sharding = batch
-        encode = self.scheme.encode
-        return jax.jit(lambda params, views, draws: encode(params, images_to_float(views), draws),
-                       in_shardings=(replicated, batch, batch), out_shardings=batch)
+        # Exports of the same model and options (a resume, a notebook) share one compilation.
+        plan = self.plan()
+        key = json.dumps([plan["tokenizer_config"]["model"], plan["kind"], plan["export"],
+                          plan["data"]["transform"], [d.id for d in devices]], sort_keys=True)
+        if key not in _COMPILED_STEPS:
+            encode = self.scheme.encode
+            _COMPILED_STEPS[key] = jax.jit(
+                lambda params, views, draws: encode(params, images_to_float(views), draws),
+                in_shardings=(replicated, self.batch_sharding, self.batch_sharding),
+                out_shardings=self.batch_sharding)
+        return _COMPILED_STEPS[key]
 
     def _batches(self, shard: int) -> Iterator[dict[str, np.ndarray]]:
         threads = self.config.data.read_threads
