@@ -352,3 +352,29 @@ def test_cli_on_two_devices_and_another_batch_size_writes_the_same_export(
     last_line = bad.stderr.strip().splitlines()[-1]
     assert last_line.startswith("export_tokens: error: export.batch_size=3 must be a multiple "
                                 "of this process's 2 devices")
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_shards_of_one_export(flowmo_dir, flowmo_export, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    command = [sys.executable, "-m", "tokenizers_jax.export_tokens", f"--tokenizer={flowmo_dir}",
+               "--config=configs/export_tokens.py:photos", f"--output={tmp_path / 'tokens'}",
+               "--config.data.crops_per_photo=2", f"--config.export.examples_per_shard={PER_SHARD}",
+               "--config.export.batch_size=4", "--config.export.hflip=True",
+               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    processes = [subprocess.Popen(command + [f"--process_id={i}"], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, "\n".join(err[-2000:] for _, err in outputs)
+    assert "2 of its 2 shards" in outputs[0][1] and "2 of its 2 shards" in outputs[1][1]
+    summaries = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in outputs]
+    assert len(summaries[0]) == 1 and not summaries[1]  # process 0 reports the result
+    assert shard_bytes(tmp_path / "tokens") == shard_bytes(flowmo_export[0])
