@@ -305,6 +305,9 @@ class _Export:
                 os.makedirs(self.output_dir, exist_ok=True)
                 _write_json_atomically(path, plan)
         _barrier("token export plan")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no token export plan in {self.output_dir}: process 0 "
+                                    "writes it; start process 0 with the same --output")
         with open(path) as f:
             differences = _differences(json.load(f), plan)
         if differences:
