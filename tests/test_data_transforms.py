@@ -65,3 +65,44 @@ def test_flowmo_transforms_give_square_uint8():
 def test_unknown_transform_is_an_error():
     with pytest.raises(ValueError, match="unknown data transform 'adm'"):
         transforms.get_transform("adm")
+
+
+@pytest.mark.parametrize(
+    "height, width, size, resizes, box",
+    [
+        # 100 -> 50 (>= 2 * 20, box-halved twice), then bicubic to short side 20.
+        (100, 150, 20, [((75, 50), "box"), ((37, 25), "box"), ((30, 20), "bicubic")],
+         (5, 0, 25, 20)),
+        # DetailFlow at 256: a 300 x 451 photo to 281 = int(1.1 * 256), no halving.
+        (300, 451, 281, [((422, 281), "bicubic")], (70, 0, 351, 281)),
+        # Python rounding (ADM): 14 * 0.75 = 10.5 rounds to 10, not 11.
+        (8, 14, 6, [((10, 6), "bicubic")], (2, 0, 8, 6)),
+        # Portrait, upscaled.
+        (21, 13, 16, [((16, 26), "bicubic")], (0, 5, 16, 21)),
+    ],
+)
+def test_adm_center_crop_matches_a_pil_restatement(height, width, size, resizes, box):
+    image = _image(height, width)
+    pil = Image.fromarray(image)
+    filters = {"box": Image.Resampling.BOX, "bicubic": Image.Resampling.BICUBIC}
+    for shape, name in resizes:
+        pil = pil.resize(shape, filters[name])
+    expected = np.asarray(pil.crop(box))
+    np.testing.assert_array_equal(transforms.adm_center_crop(image, size), expected)
+
+
+def test_ten_crop_is_torchvision_order_with_pil_boxes():
+    image = _image(35, 38)
+    size = 32
+    pil = Image.fromarray(image)
+    mirrored = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    # torchvision FiveCrop boxes (left, top, right, bottom): tl, tr, bl, br, centre with
+    # offsets int(round((38 - 32) / 2)) = 3 and int(round((35 - 32) / 2)) = 2 (round-half-even).
+    boxes = [(0, 0, 32, 32), (6, 0, 38, 32), (0, 3, 32, 35), (6, 3, 38, 35), (3, 2, 35, 34)]
+    expected = [np.asarray(pil.crop(b)) for b in boxes] + [
+        np.asarray(mirrored.crop(b)) for b in boxes]
+    crops = transforms.ten_crop(image, size)
+    assert crops.shape == (10, size, size, 3) and crops.dtype == np.uint8
+    np.testing.assert_array_equal(crops, np.stack(expected))
+    # The mirrored image's top-left crop is the mirror of the top-right one.
+    np.testing.assert_array_equal(crops[5], crops[1][:, ::-1])

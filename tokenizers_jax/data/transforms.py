@@ -4,6 +4,9 @@ A transform is chosen by name (`data.transform` in the config) from `TRANSFORMS`
 random training variant and a deterministic evaluation variant. FlowMo's (spec 5) is
 torchvision's `Resize(size)` (short side, PIL bilinear with antialiasing) followed by
 `RandomCrop(size)` for training or `CenterCrop(size)` for evaluation; no flips.
+
+DetailFlow's code extraction (spec 6.2, used by the token export) takes ADM's square centre
+crop (`adm_center_crop`) at 1.1x the image size and then torchvision's `TenCrop` (`ten_crop`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,43 @@ def flowmo_train(image: np.ndarray, size: int, rng: np.random.Generator) -> np.n
 def flowmo_eval(image: np.ndarray, size: int) -> np.ndarray:
     """FlowMo evaluation: resize short side to `size`, centre crop. [H, W, 3] -> [size, size, 3]."""
     return np.ascontiguousarray(center_crop(resize_short_side(image, size), size))
+
+
+def adm_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """ADM's square centre crop (guided-diffusion `center_crop_arr`) on a PIL image.
+
+    Halves the image with a box filter while its short side is at least 2 * size, resizes
+    (PIL bicubic) so the short side is `size` (each side round(side * scale), Python rounding),
+    then crops the centre, offsets floored.
+
+    Args:
+      image: uint8 [H, W, 3].
+    Returns:
+      uint8 [size, size, 3].
+    """
+    pil = Image.fromarray(image)
+    while min(pil.size) >= 2 * size:
+        pil = pil.resize(tuple(side // 2 for side in pil.size), Image.Resampling.BOX)
+    scale = size / min(pil.size)
+    pil = pil.resize(tuple(round(side * scale) for side in pil.size), Image.Resampling.BICUBIC)
+    resized = np.asarray(pil)
+    top = (resized.shape[0] - size) // 2
+    left = (resized.shape[1] - size) // 2
+    return resized[top : top + size, left : left + size]
+
+
+def five_crop(image: np.ndarray, size: int) -> list[np.ndarray]:
+    """torchvision `FiveCrop` order: top-left, top-right, bottom-left, bottom-right, centre."""
+    height, width = _check_crop(image, size)
+    corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size)]
+    crops = [image[top : top + size, left : left + size] for top, left in corners]
+    return crops + [center_crop(image, size)]
+
+
+def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """torchvision `TenCrop` (horizontal flip): the five crops, then the five of the mirrored
+    image (so crop 5 is the mirrored top-right corner). [H, W, 3] -> [10, size, size, 3]."""
+    return np.stack(five_crop(image, size) + five_crop(image[:, ::-1], size))
 
 
 @dataclasses.dataclass(frozen=True)
