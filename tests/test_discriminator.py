@@ -1,0 +1,184 @@
+"""The discriminator heads against PyTorch (torch.nn.utils.spectral_norm, BatchNorm1d in train
+mode, circular Conv1d): logits, power-iteration vectors and running statistics over two
+consecutive forwards; the parameter count; the importer of spec 8's `discriminator` keys."""
+
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from reference import detailflow_discriminator_torch as R  # noqa: E402
+
+from tokenizers_jax.convert import discriminator as convert  # noqa: E402
+from tokenizers_jax.convert.common import ConversionError  # noqa: E402
+from tokenizers_jax.models import discriminator as disc  # noqa: E402
+
+C, L, B = 16, 12, 3  # channels, patch tokens, batch
+
+
+def activations(seed):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(B, L + 1, C)).astype(np.float32) for _ in range(5)]
+
+
+@pytest.fixture(scope="module")
+def torch_heads():
+    torch.manual_seed(0)
+    return R.randomize_batch_norms(R.DiscriminatorHeads(channels=C).train())
+
+
+@pytest.fixture(scope="module")
+def apply():
+    """(variables, activations, update) -> (logits, new state), compiled once per `update`."""
+    heads = disc.DiscriminatorHeads()
+    return jax.jit(lambda variables, acts, update: heads.apply(
+        variables, acts, update, mutable=list(disc.STATE_COLLECTIONS)), static_argnums=2)
+
+
+def test_two_forwards_match_torch(torch_heads, apply):
+    """Logits, u, v and running statistics after each of two consecutive training forwards."""
+    initial = {k: v.clone() for k, v in torch_heads.state_dict().items()}
+    variables = convert.discriminator_variables_from_torch(initial, channels=C)
+    params = variables["params"]
+    state = {k: variables[k] for k in disc.STATE_COLLECTIONS}
+    for call in range(2):
+        acts = activations(call)
+        with torch.no_grad():
+            expected = torch_heads([torch.from_numpy(a) for a in acts]).numpy()
+        logits, state = apply({"params": params, **state}, acts, True)
+        assert logits.shape == (B, 5 * L) and logits.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5, rtol=1e-5)
+        ours = convert.discriminator_variables_to_torch({"params": params, **state})
+        for key, value in torch_heads.state_dict().items():
+            if key.endswith(("weight_u", "weight_v", "running_mean", "running_var")):
+                np.testing.assert_allclose(ours[key], value.numpy(), atol=2e-5, err_msg=key)
+            elif key.endswith("num_batches_tracked"):
+                assert ours[key] == value.item() == 7 + call + 1
+    # The state moved (guards the comparisons above).
+    moved = torch_heads.state_dict()
+    assert np.abs(moved["heads.0.1.fn.0.weight_v"].numpy()
+                  - initial["heads.0.1.fn.0.weight_v"].numpy()).max() > 1e-3
+    assert np.abs(moved["heads.4.0.1.running_var"].numpy()
+                  - initial["heads.4.0.1.running_var"].numpy()).max() > 1e-3
+
+
+def test_gradients_match_torch():
+    """Head-parameter gradients (through sigma = u . W v) and input gradients (one head)."""
+    torch.manual_seed(1)
+    reference = R.DiscriminatorHeads(channels=C, num_heads=1).train()
+    reference = R.randomize_batch_norms(reference, seed=1)
+    heads = disc.DiscriminatorHeads(num_heads=1)
+    variables = convert.discriminator_variables_from_torch(reference.state_dict(), heads, C)
+    state = {k: variables[k] for k in disc.STATE_COLLECTIONS}
+    acts = activations(2)[:1]
+
+    def loss(params, acts):
+        logits, _ = heads.apply({"params": params, **state}, acts, True,
+                                mutable=list(disc.STATE_COLLECTIONS))
+        return jnp.mean(jnp.sin(logits))
+
+    grads, act_grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], acts)
+    torch_acts = [torch.from_numpy(a).requires_grad_() for a in acts]
+    torch.mean(torch.sin(reference(torch_acts))).backward()
+    named = dict(reference.named_parameters())
+    ours = convert.discriminator_variables_to_torch(
+        {"params": grads, **jax.tree.map(np.asarray, state)}, num_heads=1)
+    for key in ("heads.0.1.fn.0.weight_orig", "heads.0.0.0.bias", "heads.0.0.1.weight",
+                "heads.0.2.weight_orig"):
+        np.testing.assert_allclose(ours[key], named[key].grad.numpy(), atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(np.asarray(act_grads[0]), torch_acts[0].grad.numpy(), atol=1e-6)
+
+
+def test_parameter_count_and_shapes():
+    variables = jax.eval_shape(lambda k: nn.unbox(disc.init_discriminator_variables(k)),
+                               jax.random.key(0))
+    count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
+    assert count == 7_386_245  # spec 1.4: DINO-disc heads
+    logits = jax.eval_shape(
+        lambda v, a: disc.DiscriminatorHeads().apply(v, a, mutable=list(disc.STATE_COLLECTIONS)),
+        variables, [jax.ShapeDtypeStruct((2, 197, 384), jnp.float32)] * 5)[0]
+    assert logits.shape == (2, 980)
+    head = variables["spectral"]["heads_2"]
+    assert head["conv_res"]["v"].shape == (3456,) and head["conv_out"]["u"].shape == (1,)
+
+
+def test_logical_axis_names_on_every_param():
+    boxed = jax.eval_shape(lambda k: disc.init_discriminator_variables(k), jax.random.key(0))
+    leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(leaf, nn.LogicallyPartitioned) for leaf in leaves)
+
+
+def test_init_state_is_torchs():
+    """Fresh u, v are unit vectors; running statistics 0 / 1 / 0 batches (no update at init)."""
+    x = jnp.zeros((2, L, C))
+    conv = disc.SpectralConv1d(C, 9).init(jax.random.key(0), x, True)["spectral"]
+    assert conv["u"].shape == (C,) and conv["v"].shape == (C * 9,)
+    for vector in (conv["u"], conv["v"]):
+        assert abs(float(jnp.linalg.norm(vector)) - 1) < 1e-6
+    stats = disc.TrainBatchNorm().init(jax.random.key(0), x + 3.0, True)["batch_stats"]
+    np.testing.assert_array_equal(stats["mean"], 0)
+    np.testing.assert_array_equal(stats["var"], 1)
+    assert int(stats["num_batches_tracked"]) == 0
+
+
+def test_no_update_leaves_the_state(torch_heads, apply):
+    variables = convert.discriminator_variables_from_torch(torch_heads.state_dict(), channels=C)
+    _, state = apply(variables, activations(3), False)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(
+            {k: variables[k] for k in disc.STATE_COLLECTIONS})):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+# --- importer: spec 8's `discriminator` keys at full size ----------------------------------
+
+
+def spec8_discriminator_shapes():
+    shapes = {}
+    for i in range(5):
+        for conv, (w, v) in {"0.0": ((384, 384, 1), 384), "1.fn.0": ((384, 384, 9), 3456),
+                             "2": ((1, 384, 1), 384)}.items():
+            p = f"heads.{i}.{conv}"
+            shapes.update({f"{p}.weight_orig": w, f"{p}.weight_u": (w[0],),
+                           f"{p}.weight_v": (v,), f"{p}.bias": (w[0],)})
+        for norm in ("0.1", "1.fn.1"):
+            p = f"heads.{i}.{norm}"
+            shapes.update({f"{p}.{n}": (384,) for n in
+                           ("weight", "bias", "running_mean", "running_var")})
+            shapes[f"{p}.num_batches_tracked"] = ()
+    return shapes
+
+
+def test_release_discriminator_imports_strictly():
+    rng = np.random.default_rng(0)
+    state_dict = {}
+    for key, shape in spec8_discriminator_shapes().items():
+        if key.endswith("num_batches_tracked"):
+            state_dict[key] = torch.tensor(40_123, dtype=torch.int64)
+        else:
+            state_dict[key] = torch.from_numpy(rng.normal(size=shape).astype(np.float32))
+    variables = convert.discriminator_variables_from_torch(state_dict)
+    counter = variables["batch_stats"]["heads_4"]["norm_res"]["num_batches_tracked"]
+    assert counter.dtype == np.int32 and int(counter) == 40_123
+    np.testing.assert_array_equal(
+        variables["params"]["heads_1"]["conv_res"]["kernel"],
+        state_dict["heads.1.1.fn.0.weight_orig"].numpy().transpose(2, 1, 0))
+    back = convert.discriminator_variables_to_torch(variables)
+    assert set(back) == set(state_dict)
+    for key, value in back.items():
+        np.testing.assert_array_equal(value, state_dict[key].numpy())
+
+    with pytest.raises(ConversionError, match="missing.*heads.2.1.fn.1.running_var"):
+        convert.discriminator_variables_from_torch(
+            {k: v for k, v in state_dict.items() if k != "heads.2.1.fn.1.running_var"})
+    with pytest.raises(ConversionError, match="mis-shaped.*heads.0.2.weight_v"):
+        convert.discriminator_variables_from_torch(
+            {**state_dict, "heads.0.2.weight_v": torch.zeros(3456)})
+    with pytest.raises(ConversionError, match="unexpected.*heads.5.2.bias"):
+        convert.discriminator_variables_from_torch({**state_dict, "heads.5.2.bias": torch.zeros(1)})
