@@ -155,7 +155,9 @@ def spec8_discriminator_shapes():
     return shapes
 
 
-def test_release_discriminator_imports_strictly():
+@pytest.fixture(scope="module")
+def release_discriminator():
+    """Spec 8's `discriminator` entry at full size, with random values."""
     rng = np.random.default_rng(0)
     state_dict = {}
     for key, shape in spec8_discriminator_shapes().items():
@@ -163,6 +165,11 @@ def test_release_discriminator_imports_strictly():
             state_dict[key] = torch.tensor(40_123, dtype=torch.int64)
         else:
             state_dict[key] = torch.from_numpy(rng.normal(size=shape).astype(np.float32))
+    return state_dict
+
+
+def test_release_discriminator_imports_strictly(release_discriminator):
+    state_dict = release_discriminator
     variables = convert.discriminator_variables_from_torch(state_dict)
     counter = variables["batch_stats"]["heads_4"]["norm_res"]["num_batches_tracked"]
     assert counter.dtype == np.int32 and int(counter) == 40_123
@@ -182,3 +189,30 @@ def test_release_discriminator_imports_strictly():
             {**state_dict, "heads.0.2.weight_v": torch.zeros(3456)})
     with pytest.raises(ConversionError, match="unexpected.*heads.5.2.bias"):
         convert.discriminator_variables_from_torch({**state_dict, "heads.5.2.bias": torch.zeros(1)})
+
+
+def test_convert_detailflow_writes_the_heads_beside_the_tokenizer(release_discriminator, tmp_path):
+    from test_detailflow import CONFIG_FILE
+    from test_detailflow_convert import tiny_checkpoint
+
+    from tokenizers_jax.convert import __main__ as convert_cli
+    from tokenizers_jax.convert import detailflow as convert_detailflow
+
+    _, _, _, state_dict = tiny_checkpoint(teacher=False)
+    model = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
+    path = tmp_path / "128.pt"
+    torch.save({"model": model, "discriminator": release_discriminator, "steps": 7}, path)
+    command = ["detailflow", "--checkpoint", str(path), "--config", f"{CONFIG_FILE}:tiny"]
+    assert convert_cli.main(command + ["--output", str(tmp_path / "out"), "--discriminator"]) == 0
+    heads_dir = tmp_path / "out" / convert_detailflow.DISCRIMINATOR_DIR
+    variables = disc.load_discriminator_variables(heads_dir)
+    expected = convert.discriminator_variables_from_torch(release_discriminator)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), variables, expected)
+
+    # A file without the entry is refused before anything is written.
+    torch.save({"model": model, "steps": 7}, path)
+    with pytest.raises(ConversionError, match="no 'discriminator' entry"):
+        convert_cli.main(command + ["--output", str(tmp_path / "none"), "--discriminator"])
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(ValueError, match="expected 'detailflow_discriminator'"):
+        disc.load_discriminator_variables(tmp_path / "out")

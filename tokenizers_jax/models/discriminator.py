@@ -31,18 +31,20 @@ has its own statistics and updates the state once.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tokenizers_jax import layers
+from tokenizers_jax import exported, layers
 from tokenizers_jax.layers import EMBED, MLP, NORM
 from tokenizers_jax.models.dino import DinoViT, dino_features
 
 Dtype = Any
 
+NAME = "detailflow_discriminator"  # model.name of a converted heads directory
 STATE_COLLECTIONS = ("spectral", "batch_stats")
 NUM_HEADS = 5
 KERNEL_SIZE = 9
@@ -231,3 +233,30 @@ def discriminator_logits(
     logits, new_state = heads.apply({"params": head_params, **head_state}, activations, update,
                                     mutable=list(STATE_COLLECTIONS))
     return logits, dict(new_state)
+
+
+def load_discriminator_variables(
+    directory: str | os.PathLike, heads: DiscriminatorHeads | None = None, channels: int = 384
+) -> dict:
+    """The head variables {"params", "spectral", "batch_stats"} of a directory written by
+    `python -m tokenizers_jax.convert detailflow ... --discriminator` (OUTPUT/discriminator).
+
+    Raises:
+      FileNotFoundError / ValueError: no such directory, another model, or other shapes.
+    """
+    directory = os.fspath(directory)
+    if not exported.is_model_dir(directory):
+        raise FileNotFoundError(
+            f"no converted discriminator in {directory}; write one with `python -m "
+            "tokenizers_jax.convert detailflow --checkpoint 128.pt ... --discriminator`")
+    found = exported.load_config(directory).get("model", {}).get("name")
+    if found != NAME:
+        raise ValueError(f"{directory} holds model {found!r}, expected {NAME!r}")
+    heads = DiscriminatorHeads() if heads is None else heads
+    template = jax.eval_shape(
+        lambda k: nn.unbox(init_discriminator_variables(k, heads, channels)), jax.random.key(0))
+    variables = exported.load_params(directory)
+    shapes = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
+    if shapes(variables) != shapes(template):
+        raise ValueError(f"{directory}: the variables do not match {heads}; re-convert them")
+    return variables
