@@ -12,7 +12,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       name: "sample_photos" (built in, nothing to download), "image_folder" (`path`) or
         "imagenet2012" (TFDS array_record in `data_dir`).
       image_size: side of the square crops, pixels.
-      transform: per-model transform, see `transforms.TRANSFORMS` ("flowmo").
+      transform: per-model transform, see `transforms.TRANSFORMS` ("flowmo", "adm").
       path: image_folder: directory tree of training images.
       eval_path: image_folder: directory of evaluation images; "" evaluates on `path`.
       data_dir: imagenet2012: TFDS data directory; "" for $TFDS_DATA_DIR or ~/tensorflow_datasets.
