@@ -216,3 +216,45 @@ def test_convert_detailflow_writes_the_heads_beside_the_tokenizer(release_discri
     assert not (tmp_path / "none").exists()
     with pytest.raises(ValueError, match="expected 'detailflow_discriminator'"):
         disc.load_discriminator_variables(tmp_path / "out")
+
+
+def test_discriminator_logits_end_to_end_match_torch():
+    """Input mapping (its crop draw replayed) + tiny trunk + heads, against the torch pieces."""
+    from tokenizers_jax.convert import dino as convert_dino
+    from tokenizers_jax.models import dino
+
+    torch.manual_seed(2)
+    trunk = R.DinoTrunk(dim=C, depth=3, num_heads=2, patch_size=8, img_size=32, key_depths=(0, 2))
+    torch_heads = R.randomize_batch_norms(R.DiscriminatorHeads(channels=C, num_heads=3), seed=2)
+    vit = dino.DinoViT(width=C, depth=3, num_heads=2, mlp_dim=4 * C, patch_size=8, image_size=32,
+                       feature_blocks=(0, 2))
+    heads = disc.DiscriminatorHeads(num_heads=3)
+    dino_params = convert_dino.dino_params_from_torch(trunk.state_dict(), vit)
+    variables = convert.discriminator_variables_from_torch(torch_heads.state_dict(), heads, C)
+    state = {k: variables[k] for k in disc.STATE_COLLECTIONS}
+
+    @jax.jit
+    def run(images, key):
+        def total(images):
+            logits, new_state = disc.discriminator_logits(
+                variables["params"], state, dino_params, key, images, heads, vit)
+            return logits.sum(), (logits, new_state)
+        return jax.grad(total, has_aux=True)(images)
+
+    images = np.random.default_rng(5).uniform(-1, 1, (B, 48, 48, 3)).astype(np.float32)
+    branches = set()
+    for seed in (0, 3):  # the resize (area 48 -> 32) and the crop branch
+        key = jax.random.key(seed)
+        image_grad, (logits, new_state) = run(images, key)
+        crop = dino.draw_dino_crop(key, 48, 48, image_size=32)
+        branches.add(bool(crop.use_crop))
+        with torch.no_grad():
+            x = R.dino_input(torch.from_numpy(images).permute(0, 3, 1, 2), img_size=32,
+                             crop=(int(crop.top), int(crop.left)) if crop.use_crop else None)
+            expected = torch_heads.train()(trunk(x)).numpy()
+        assert logits.shape == (B, 3 * 16)
+        np.testing.assert_allclose(np.asarray(logits), expected, atol=5e-5, rtol=1e-5)
+    assert branches == {False, True}
+    assert np.isfinite(np.asarray(image_grad)).all() and np.abs(np.asarray(image_grad)).sum() > 0
+    counter = new_state["batch_stats"]["heads_2"]["norm_res"]["num_batches_tracked"]
+    assert int(counter) == 7 + 1  # one update per call, from the given state
