@@ -151,3 +151,15 @@ def test_convert_cli_writes_a_loadable_model_dir(vits16_state_dict, tmp_path):
         convert.backbone_state_dict({"model": {}})
     with pytest.raises(FileNotFoundError, match="convert dino"):
         dino.load_dino_params(tmp_path / "missing")
+
+
+def test_logical_axis_names_and_bf16_compute():
+    import flax.linen as nn
+
+    vit = dino.DinoViT(**{**TINY, "dtype": jnp.bfloat16})
+    images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    boxed = jax.eval_shape(vit.init, jax.random.key(0), images)["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(leaf, nn.LogicallyPartitioned) for leaf in leaves)
+    features = jax.eval_shape(vit.apply, {"params": nn.unbox(boxed)}, images)
+    assert all(f.dtype == jnp.float32 and f.shape == (2, 17, 32) for f in features)

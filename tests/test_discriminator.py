@@ -107,6 +107,13 @@ def test_parameter_count_and_shapes():
     assert logits.shape == (2, 980)
     head = variables["spectral"]["heads_2"]
     assert head["conv_res"]["v"].shape == (3456,) and head["conv_out"]["u"].shape == (1,)
+    bf16 = jax.eval_shape(
+        lambda v, a: disc.DiscriminatorHeads(dtype=jnp.bfloat16).apply(
+            v, a, mutable=list(disc.STATE_COLLECTIONS)),
+        variables, [jax.ShapeDtypeStruct((2, 197, 384), jnp.bfloat16)] * 5)
+    assert bf16[0].dtype == jnp.float32  # logits stay fp32 under bf16 compute
+    assert jax.tree.map(lambda a: a.dtype, bf16[1]) == jax.tree.map(
+        lambda a: a.dtype, {k: variables[k] for k in disc.STATE_COLLECTIONS})
 
 
 def test_logical_axis_names_on_every_param():
@@ -115,25 +122,28 @@ def test_logical_axis_names_on_every_param():
     assert leaves and all(isinstance(leaf, nn.LogicallyPartitioned) for leaf in leaves)
 
 
-def test_init_state_is_torchs():
-    """Fresh u, v are unit vectors; running statistics 0 / 1 / 0 batches (no update at init)."""
-    x = jnp.zeros((2, L, C))
-    conv = disc.SpectralConv1d(C, 9).init(jax.random.key(0), x, True)["spectral"]
-    assert conv["u"].shape == (C,) and conv["v"].shape == (C * 9,)
-    for vector in (conv["u"], conv["v"]):
-        assert abs(float(jnp.linalg.norm(vector)) - 1) < 1e-6
-    stats = disc.TrainBatchNorm().init(jax.random.key(0), x + 3.0, True)["batch_stats"]
-    np.testing.assert_array_equal(stats["mean"], 0)
-    np.testing.assert_array_equal(stats["var"], 1)
-    assert int(stats["num_batches_tracked"]) == 0
-
-
-def test_no_update_leaves_the_state(torch_heads, apply):
-    variables = convert.discriminator_variables_from_torch(torch_heads.state_dict(), channels=C)
-    _, state = apply(variables, activations(3), False)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(
-            {k: variables[k] for k in disc.STATE_COLLECTIONS})):
-        np.testing.assert_array_equal(np.asarray(a), b)
+def test_initial_state_is_torchs_and_update_false_keeps_it():
+    """Fresh u, v are unit vectors and the running statistics 0 / 1 / 0 batches (no update at
+    init); update=False runs no power iteration and updates no statistics, update=True does."""
+    x = jnp.asarray(activations(3)[0]) + 1.0
+    collections = list(disc.STATE_COLLECTIONS)
+    unchanged = lambda new, old: all(jax.tree.leaves(jax.tree.map(
+        lambda a, b: bool(np.array_equal(a, b)), new, {k: old[k] for k in new})))
+    for module in (disc.SpectralConv1d(C, 9), disc.TrainBatchNorm()):
+        variables = module.init(jax.random.key(0), x, True)
+        if "spectral" in variables:
+            u, v = variables["spectral"]["u"], variables["spectral"]["v"]
+            assert u.shape == (C,) and v.shape == (C * 9,)
+            assert abs(float(jnp.linalg.norm(u)) - 1) < 1e-6
+            assert abs(float(jnp.linalg.norm(v)) - 1) < 1e-6
+        else:
+            stats = variables["batch_stats"]
+            np.testing.assert_array_equal(stats["mean"], 0)
+            np.testing.assert_array_equal(stats["var"], 1)
+            assert int(stats["num_batches_tracked"]) == 0
+        _, kept = module.apply(variables, x, False, mutable=collections)
+        _, moved = module.apply(variables, x, True, mutable=collections)
+        assert unchanged(kept, variables) and not unchanged(moved, variables)
 
 
 # --- importer: spec 8's `discriminator` keys at full size ----------------------------------
