@@ -13,7 +13,7 @@ def default_data_config() -> ml_collections.ConfigDict:
         "imagenet2012" (TFDS array_record in `data_dir`) or "tokens" (a token export in
         `path`, written by `python -m tokenizers_jax.export_tokens`; see `data.tokens`).
       image_size: side of the square crops, pixels.
-      transform: per-model transform, see `transforms.TRANSFORMS` ("flowmo").
+      transform: per-model transform, see `transforms.TRANSFORMS` ("flowmo", "adm").
       path: image_folder: directory tree of training images; tokens: the export directory.
       eval_path: image_folder / tokens: the evaluation images / export; "" evaluates on `path`.
       data_dir: imagenet2012: TFDS data directory; "" for $TFDS_DATA_DIR or ~/tensorflow_datasets.

@@ -7,11 +7,18 @@ torchvision's `Resize(size)` (short side, PIL bilinear with antialiasing) follow
 
 DetailFlow's code extraction (spec 6.2, used by the token export) takes ADM's square centre
 crop (`adm_center_crop`) at 1.1x the image size and then torchvision's `TenCrop` (`ten_crop`).
+
+"adm" is the ADM (guided-diffusion) preprocessing DetailFlow trains and evaluates with (spec
+5, 7): PIL BOX halving while the short side is at least twice the target, then a BICUBIC
+resize of the short side to the target; for training the target short side is drawn from
+U{ceil(S / 1.0) .. ceil(S / 0.8)} (256..320 at S = 256), followed by a random S crop and a
+horizontal flip with probability 0.5; for evaluation the target is S and the crop central.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import numpy as np
@@ -72,27 +79,47 @@ def flowmo_eval(image: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(center_crop(resize_short_side(image, size), size))
 
 
-def adm_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """ADM's square centre crop (guided-diffusion `center_crop_arr`) on a PIL image.
-
-    Halves the image with a box filter while its short side is at least 2 * size, resizes
-    (PIL bicubic) so the short side is `size` (each side round(side * scale), Python rounding),
-    then crops the centre, offsets floored.
+def adm_resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
+    """ADM's resize: BOX-halve while the short side is >= 2 * short_side, then BICUBIC to a
+    short side of `short_side` (the other side `round(side * scale)`, Python rounding).
 
     Args:
       image: uint8 [H, W, 3].
     Returns:
-      uint8 [size, size, 3].
+      uint8 [H', W', 3] with min(H', W') == short_side.
     """
     pil = Image.fromarray(image)
-    while min(pil.size) >= 2 * size:
-        pil = pil.resize(tuple(side // 2 for side in pil.size), Image.Resampling.BOX)
-    scale = size / min(pil.size)
-    pil = pil.resize(tuple(round(side * scale) for side in pil.size), Image.Resampling.BICUBIC)
-    resized = np.asarray(pil)
-    top = (resized.shape[0] - size) // 2
-    left = (resized.shape[1] - size) // 2
-    return resized[top : top + size, left : left + size]
+    while min(pil.size) >= 2 * short_side:
+        pil = pil.resize(tuple(side // 2 for side in pil.size), resample=Image.Resampling.BOX)
+    scale = short_side / min(pil.size)
+    pil = pil.resize(tuple(round(side * scale) for side in pil.size),
+                     resample=Image.Resampling.BICUBIC)
+    return np.asarray(pil)
+
+
+def adm_short_side_range(size: int, min_crop_fraction: float = 0.8) -> tuple[int, int]:
+    """The inclusive range of ADM's random short side: ceil(S / 1.0) .. ceil(S / 0.8)."""
+    return math.ceil(size / 1.0), math.ceil(size / min_crop_fraction)
+
+
+def adm_train(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """ADM random crop + horizontal flip (DetailFlow training). [H, W, 3] -> [size, size, 3]."""
+    low, high = adm_short_side_range(size)
+    resized = adm_resize_short_side(image, int(rng.integers(low, high + 1)))
+    crop = random_crop(resized, size, rng)
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return np.ascontiguousarray(crop)
+
+
+def adm_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """ADM's square centre crop (guided-diffusion `center_crop_arr`; DetailFlow evaluation and
+    code extraction): short side to `size`, then the crop at ((H - size) // 2, (W - size) // 2).
+    [H, W, 3] -> [size, size, 3]."""
+    resized = adm_resize_short_side(image, size)
+    height, width = _check_crop(resized, size)
+    top, left = (height - size) // 2, (width - size) // 2
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
 
 
 def five_crop(image: np.ndarray, size: int) -> list[np.ndarray]:
@@ -119,6 +146,7 @@ class Transform:
 
 TRANSFORMS: dict[str, Transform] = {
     "flowmo": Transform(train=flowmo_train, eval=flowmo_eval),
+    "adm": Transform(train=adm_train, eval=adm_center_crop),
 }
 
 
