@@ -9,12 +9,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     """Defaults: built-in sample photos with FlowMo's transform at 256 px.
 
     Fields:
-      name: "sample_photos" (built in, nothing to download), "image_folder" (`path`) or
-        "imagenet2012" (TFDS array_record in `data_dir`).
+      name: "sample_photos" (built in, nothing to download), "image_folder" (`path`),
+        "imagenet2012" (TFDS array_record in `data_dir`) or "tokens" (a token export in
+        `path`, written by `python -m tokenizers_jax.export_tokens`; see `data.tokens`).
       image_size: side of the square crops, pixels.
-      transform: per-model transform, see `transforms.TRANSFORMS` ("flowmo").
-      path: image_folder: directory tree of training images.
-      eval_path: image_folder: directory of evaluation images; "" evaluates on `path`.
+      transform: per-model transform, see `transforms.TRANSFORMS` ("flowmo", "adm").
+      path: image_folder: directory tree of training images; tokens: the export directory.
+      eval_path: image_folder / tokens: the evaluation images / export; "" evaluates on `path`.
       data_dir: imagenet2012: TFDS data directory; "" for $TFDS_DATA_DIR or ~/tensorflow_datasets.
       train_split / eval_split: imagenet2012: TFDS splits, slicing allowed ("validation[:10%]").
       num_eval_examples: evaluate on the first N examples of the eval set; 0 for all.
