@@ -50,11 +50,15 @@ def test_incomplete_checkpoint_is_never_restored(tmp_path):
     assert summary["step"] == 4
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     workdir = str(tmp_path)
     loop.train_and_evaluate(toy_config(num_steps=3), workdir)
+    from training_toy import ToyTask
+
+    healthy_loss = ToyTask.loss
+    monkeypatch.setattr(ToyTask, "loss", lambda self, *args: jax.tree.map(
+        lambda x: x * np.nan, healthy_loss(self, *args)))
     config = toy_config(num_steps=6)
-    config.toy_nan = True
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* step 4.*step 3\) is intact"):
         loop.train_and_evaluate(config, workdir)
     assert checkpoint.latest_step(workdir) == 3
