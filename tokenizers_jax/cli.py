@@ -123,10 +123,10 @@ def _flag_error_message(error: BaseException, argv: list[str]) -> str:
     return message
 
 
-def _load_config_files():
+def _load_config_files(flag_values: flags.FlagValues):
     """ml_collections defers a missing config file's error to first use; raise it now."""
-    for name in list(flags.FLAGS):
-        flag = flags.FLAGS[name]
+    for name in list(flag_values):
+        flag = flag_values[name]
         try:
             filename = config_flags.get_config_filename(flag)
         except (TypeError, flags.Error):  # not a config-file flag, or not given
@@ -140,12 +140,12 @@ def _load_config_files():
                 "relative to the current directory") from e
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """absl's flag parsing with one-line errors and exit status 2 (the `flags_parser` of
     `app.run`)."""
     try:
-        remaining = flags.FLAGS(argv)
-        _load_config_files()
+        remaining = flag_values(argv)
+        _load_config_files(flag_values)
         return remaining
     except (flags.Error, app.UsageError, KeyError, AttributeError, OSError, ValueError,
             TypeError) as e:
@@ -204,8 +204,8 @@ def install_console_filter():
 # --------------------------------------------------------------------------- entry points
 
 
-def _guarded(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int | None]:
-    """main with the error conventions: one-line errors and exit statuses 1, 2 and 130."""
+def guard(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int | None]:
+    """`main` with the error conventions: one-line errors and exit statuses 1, 2 and 130."""
 
     @functools.wraps(main)
     def guarded(argv):
@@ -233,7 +233,7 @@ def _guarded(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], i
 
 def run(main: Callable[[list[str]], int | None]) -> NoReturn:
     """Runs an absl `main(argv)` with these conventions (replaces `app.run(main)`)."""
-    app.run(_guarded(main), flags_parser=parse_flags)
+    app.run(guard(main), flags_parser=parse_flags)
 
 
 def call(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
@@ -245,5 +245,5 @@ def call(main: Callable[[list[str]], int | None], argv: list[str] | None = None)
     if "--verbose" in argv:
         argv.remove("--verbose")
         os.environ[VERBOSE_ENV] = "1"
-    status = _guarded(main)(argv)
+    status = guard(main)(argv)
     return 0 if status is None else int(status)

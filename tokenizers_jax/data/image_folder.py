@@ -5,6 +5,10 @@ process sees the same order. Files that are not JPEG/PNG/WebP images (by content
 extension) are skipped when the folder is scanned; files whose header is fine but whose data
 are corrupt (e.g. truncated) are skipped when read, replaced by the next readable image. Both
 kinds are counted in `skipped` and reported with a logged warning; neither is fatal.
+
+A folder can be split into a training part and a held-out part for evaluation
+(`holdout_every=N`): every N-th readable image in sorted order is held out, so the split is
+deterministic and spread over the whole tree.
 """
 
 from __future__ import annotations
@@ -55,16 +59,25 @@ def _list_files(root: str) -> list[str]:
 class ImageFolderSource:
     """Random access to the images under `root`: item i is uint8 [H, W, 3] RGB.
 
+    Args:
+      root: the directory.
+      scan_threads: threads reading file headers while scanning.
+      holdout_every: N > 0 holds out every N-th readable image (sorted order, from the first).
+      part: "all" images, the "train" part (without the held-out ones), or the "holdout" part.
     Attributes:
       root: the directory.
-      paths: the readable image files, sorted.
+      paths: the readable image files of the part, sorted.
       skipped: files skipped as unreadable (at scan time, plus any found corrupt when read
         in this process).
     """
 
-    def __init__(self, root: str, scan_threads: int = 16):
+    def __init__(self, root: str, scan_threads: int = 16, holdout_every: int = 0,
+                 part: str = "all"):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory")
+        if part not in ("all", "train", "holdout") or (part != "all" and holdout_every <= 0):
+            raise ValueError(f"part must be 'all', or 'train' / 'holdout' with holdout_every > 0; "
+                             f"got part={part!r}, holdout_every={holdout_every}")
         self.root = root
         files = _list_files(root)
         with concurrent.futures.ThreadPoolExecutor(scan_threads) as pool:
@@ -78,6 +91,16 @@ class ImageFolderSource:
                 f"image folder {root!r} contains no JPEG, PNG or WebP images "
                 f"({len(files)} files found, none readable)"
             )
+        if part != "all":
+            held_out = part == "holdout"
+            total = len(self.paths)
+            self.paths = [p for i, p in enumerate(self.paths)
+                          if (i % holdout_every == 0) == held_out]
+            if not self.paths:
+                raise ValueError(
+                    f"image folder {root!r} has {total} image(s): holding out every "
+                    f"{holdout_every}-th (data.holdout_every) leaves none to train on; add "
+                    "images, set data.eval_path to a separate folder, or data.holdout_every=0")
 
     def _report_skipped(self, paths: list[str]) -> None:
         if not paths:

@@ -59,12 +59,17 @@ def save_config(workdir: str, config: ml_collections.ConfigDict):
     """Writes the resolved config to DIR/config.json atomically (process 0)."""
     if jax.process_index() != 0:
         return
+    text = exported.config_to_json(config)
     os.makedirs(workdir, exist_ok=True)
     path = config_path(workdir)
     temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        f.write(exported.config_to_json(config))
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -131,7 +136,6 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict):
         listed += f" and {len(differences) - _MAX_LISTED} more"
     raise WorkdirMismatchError(
         f"{workdir} holds a run made with a different config: {listed}.\n"
-        "These fields define the model, its data or its checkpoint layout and cannot change on "
-        "resume: undo them, or start a new workdir (--workdir=NEW; --config.init_from="
-        f"{workdir} starts it from this run's weights). Fields that may change on resume: "
+        "Undo these changes, or start a new workdir (--workdir=NEW; --config.init_from="
+        f"{workdir} starts it from this run's weights). On resume only these may change: "
         f"{', '.join(RESUMABLE_FIELDS)}.")
