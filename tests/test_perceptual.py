@@ -83,6 +83,14 @@ def test_lpips_gradient_matches_torch(torch_lpips):
     assert_close(ours, x_torch.grad.permute(0, 2, 3, 1).numpy())
 
 
+def test_random_init_lpips_heads_are_non_negative_like_the_real_ones(tmp_path):
+    params = lpips.load_lpips_params(tmp_path / "absent", allow_random_init=True)
+    for k in range(5):
+        assert (np.asarray(params[f"lin{k}"]["kernel"]) >= 0).all(), k
+    x, y = images((4, 32, 32, 3), 8), images((4, 32, 32, 3), 9)
+    assert (np.asarray(jax.jit(lpips.lpips_distance)(params, x, y)) >= 0).all()
+
+
 @pytest.mark.skipif(
     installed_lin_checkpoint() is None,
     reason="lpips package not installed (pip install lpips --no-deps)",
