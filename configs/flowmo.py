@@ -110,14 +110,18 @@ def add_training(config: ml_collections.ConfigDict, arg: str):
       train.fix_initial_norms  keep double_blocks kernels at their initial Frobenius norm.
       train.perceptual_weights  converted perceptual-network weights ("" = default location).
       train.perceptual_random_init  use random perceptual weights (smoke tests only).
-      optim               Adam lr, b1, b2, eps; freeze_after: freeze the encoder from this
-                          update on (-1 never, 0 from the start).
+      optim               Adam lr, b1, b2, eps (constant lr, no clipping or weight decay, as
+                          the original; all fields: training.optimizer.default_optim_config);
+                          freeze_after: freeze the encoder from this update on (-1 never, 0
+                          from the start).
       checkpoint          every N updates; keep the last `keep` plus multiples of `keep_every`.
       mesh                device mesh sizes (-1 = the rest) and logical-axis -> mesh-axis rules.
       logging.every       metric/console interval; eval.every: reconstruction PSNR and grid.
       data                see tokenizers_jax.data.default_data_config.
     """
-    from tokenizers_jax.data import default_data_config  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from tokenizers_jax.data import default_data_config
+    from tokenizers_jax.training.optimizer import default_optim_config
 
     config.init_from = ""
     config.train = ml_collections.ConfigDict(
@@ -125,9 +129,7 @@ def add_training(config: ml_collections.ConfigDict, arg: str):
              ema_decay=0.9999, ema_every=10, fix_initial_norms=True, perceptual_weights="",
              perceptual_random_init=False)
     )
-    config.optim = ml_collections.ConfigDict(
-        dict(lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, freeze_after=200_000)
-    )
+    config.optim = default_optim_config(lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, freeze_after=200_000)
     config.checkpoint = ml_collections.ConfigDict(
         dict(every=5000, keep=2, keep_every=100_000, async_save=True)
     )

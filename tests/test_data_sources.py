@@ -118,3 +118,43 @@ def test_unprepared_imagenet_says_how_to_prepare_it(tmp_path):
     assert f"{tmp_path}/downloads/manual" in message
     assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
     assert f"tfds build imagenet2012 --data_dir={tmp_path} --file_format=array_record" in message
+
+
+def test_sources_label_their_images(tmp_path):
+    photos = SamplePhotosSource("train", crops_per_photo=2, min_crop_fraction=0.5, seed=0)
+    assert photos.label_names[:2] == ("astronaut", "coffee") and len(photos.label_names) == 7
+    image, label = photos.read_labelled(9)
+    assert label == 2 and photos.label_names[label] == "hubble_deep_field"
+    np.testing.assert_array_equal(image, photos[9])
+
+    for name in ("top.png", "dog/a.png", "dog/deep/b.png", "cat/c.png", "cat/d.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        _write(tmp_path / name, "RGB", (8, 8), "PNG")
+    (tmp_path / "cat" / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # corrupt data
+    folder = ImageFolderSource(str(tmp_path))
+    assert folder.label_names == (".", "cat", "dog")
+    # Sorted: cat/d (c.png is unreadable at scan time), dog/a, dog/deep/b, top.
+    assert [folder.read_labelled(i)[1] for i in range(len(folder))] == [1, 2, 2, 0]
+
+
+def test_image_folder_label_follows_the_image_that_replaces_a_corrupt_one(tmp_path):
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+    Image.fromarray(noise).save(buffer, format="JPEG")
+    for name in ("a/x.jpg", "b/y.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    jpeg = buffer.getvalue()
+    (tmp_path / "a" / "x.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # corrupt past the header
+    _write(tmp_path / "b" / "y.jpg", "RGB", (8, 8), "JPEG")
+    folder = ImageFolderSource(str(tmp_path))
+    assert len(folder) == 2
+    image, label = folder.read_labelled(0)
+    assert label == 1 and image.shape == (8, 8, 3)
+
+
+def test_tfds_source_reads_labels():
+    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=3):
+        source = TfdsImageSource("imagenet2012", "train")
+        image, label = source.read_labelled(1)
+        assert len(source.label_names) == 1000 and source.label_names[0] == "n01440764"
+    assert image.ndim == 3 and 0 <= label < 1000

@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from tokenizers_jax.training import checkpoint
+from training_toy import PIXELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "training_worker.py")
@@ -34,7 +36,8 @@ def _finish(process, timeout=300):
     return output
 
 
-@pytest.mark.parametrize("model", ["toy", pytest.param("flowmo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", ["toy", "toy_gan",
+                                   pytest.param("flowmo", marks=pytest.mark.slow)])
 def test_eight_devices_give_the_same_step_as_one(tmp_path, model):
     results = {}
     for devices in (1, 8):
@@ -47,6 +50,9 @@ def test_eight_devices_give_the_same_step_as_one(tmp_path, model):
     np.testing.assert_allclose(eight["loss"], one["loss"], rtol=1e-5)
     np.testing.assert_allclose(eight["grad_norm"], one["grad_norm"], rtol=1e-4)
     np.testing.assert_allclose(eight["kernel"], one["kernel"], atol=1e-6)
+    partners_8, partners_1 = jax.tree.leaves(eight["partners"]), jax.tree.leaves(one["partners"])
+    assert len(partners_8) == len(partners_1) == (PIXELS + 1 if model == "toy_gan" else 0)
+    np.testing.assert_allclose(partners_8, partners_1, atol=1e-6)
 
 
 def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):

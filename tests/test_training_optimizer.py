@@ -10,9 +10,9 @@ import pytest
 from tokenizers_jax.training import optimizer, sharding
 
 
-def _optim(freeze_after):
-    return ml_collections.ConfigDict(dict(lr=0.1, b1=0.9, b2=0.95, eps=1e-8,
-                                          freeze_after=freeze_after))
+def _optim(freeze_after, **fields):
+    defaults = dict(lr=0.1, b1=0.9, b2=0.95, eps=1e-8, freeze_after=freeze_after)
+    return optimizer.default_optim_config(**{**defaults, **fields})
 
 
 def test_freeze_after_zeroes_masked_updates_from_step_n():
@@ -67,6 +67,63 @@ def test_adam_matches_torch_defaults():
     grads = {"w": jnp.array([0.5, -2.0])}
     updates, _ = tx.update(grads, tx.init(grads))
     np.testing.assert_allclose(updates["w"], [-1e-4, 1e-4], rtol=1e-5)
+
+
+def test_default_optimizer_is_exactly_adam():
+    """FlowMo's optimizer state keeps optax.adam's layout (checkpoints stay compatible)."""
+    params = {"w": jnp.ones((2, 3))}
+    ours = optimizer.make_optimizer(_optim(-1)).init(params)
+    assert jax.tree.structure(ours) == jax.tree.structure(optax.adam(0.1).init(params))
+
+
+def test_warmup_cosine_is_llamagen_lambda_lr():
+    """AR recipe (spec 6.2): warmup over 5% from 0.005 * lr to lr, then cosine to 0.01 * lr."""
+    total, warmup, lr = 1000, 50, 1e-4
+    config = _optim(-1, lr=lr, schedule="warmup_cosine", warmup_steps=warmup,
+                    warmup_init_lr=0.005 * lr, min_lr=0.01 * lr)
+    schedule = optimizer.make_schedule(config, total)
+    for t in (0, 10, 49, 50, 300, 999, 1000):
+        if t < warmup:
+            factor = 0.005 + (1 - 0.005) * t / warmup
+        else:
+            progress = (t - warmup) / (total - warmup)
+            factor = 0.01 + (1 - 0.01) * 0.5 * (1 + np.cos(np.pi * progress))
+        np.testing.assert_allclose(optimizer.learning_rate(schedule, t), lr * factor, rtol=1e-5)
+
+
+def test_timm_cosine_measures_the_cosine_from_step_zero():
+    """Tokenizer recipe (spec 5): timm CosineLRScheduler, warmup_prefix=False."""
+    total, warmup, lr, low = 1000, 100, 1e-4, 1e-5
+    config = _optim(-1, lr=lr, schedule="timm_cosine", warmup_steps=warmup,
+                    warmup_init_lr=low, min_lr=low)
+    schedule = optimizer.make_schedule(config, total)
+    for t in (0, 50, 99, 100, 500, 999, 1200):
+        if t < warmup:
+            expected = low + t * (lr - low) / warmup
+        else:
+            expected = low + 0.5 * (lr - low) * (1 + np.cos(np.pi * min(t, total) / total))
+        np.testing.assert_allclose(optimizer.learning_rate(schedule, t), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown optim.schedule"):
+        optimizer.make_schedule(_optim(-1, schedule="step"), total)
+
+
+def test_adamw_decays_matrices_only_and_clipping_bounds_the_update():
+    params = {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 2.0)}
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    tx = optimizer.make_optimizer(_optim(-1, lr=0.1, weight_decay=0.05))
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -0.1 * 0.05 * 2.0, rtol=1e-6)  # torch AdamW
+    np.testing.assert_array_equal(updates["bias"], 0.0)  # rank 1: no decay
+
+    tx = optimizer.make_optimizer(_optim(-1, lr=1.0, eps=1.0, b1=0.0, b2=0.0,
+                                         clip_grad_norm=1.0))
+    grads = {"kernel": jnp.full((2, 2), 30.0), "bias": jnp.full((2,), 40.0)}
+    norm = np.sqrt(4 * 30.0**2 + 2 * 40.0**2)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    clipped = jax.tree.map(lambda g: g / norm, grads)
+    expected = jax.tree.map(lambda g: -g / (jnp.abs(g) + 1.0), clipped)  # Adam with b = 0
+    for name in params:
+        np.testing.assert_allclose(updates[name], expected[name], rtol=1e-5)
 
 
 def test_renormalize_keeps_reference_norms_of_masked_leaves_only():

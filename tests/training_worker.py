@@ -1,6 +1,6 @@
 """Subprocess entry for the distributed / signal training tests (see test_training_distributed).
 
-    python tests/training_worker.py step WORKDIR NUM_DEVICES MODEL one step (toy|flowmo) -> result.json
+    python tests/training_worker.py step WORKDIR NUM_DEVICES MODEL one step (toy|toy_gan|flowmo) -> result.json
     python tests/training_worker.py sigterm WORKDIR                a long toy run (to be killed)
     python tests/training_worker.py multiprocess WORKDIR PORT ID   one of two processes
 """
@@ -32,10 +32,14 @@ def main(mode, workdir, *args):
     if mode == "step":
         jax.config.update("jax_num_cpu_devices", int(args[0]))
         from tokenizers_jax.training import loop
-        from training_toy import toy_config
+        from training_toy import toy_config, toy_gan_config
 
-        config = micro_flowmo_config() if args[1] == "flowmo" else toy_config(
-            batch_size=16, grad_accum_steps=2, loss_groups=2)
+        if args[1] == "flowmo":
+            config = micro_flowmo_config()
+        elif args[1] == "toy_gan":  # partner network, non-trained variables, host draws
+            config = toy_gan_config(batch_size=16, grad_accum_steps=2, loss_groups=1)
+        else:
+            config = toy_config(batch_size=16, grad_accum_steps=2, loss_groups=2)
         config.mesh.update(data=2 if int(args[0]) > 1 else 1, fsdp=-1)
         size = config.data.image_size
         batch = {"image": np.random.default_rng(0).integers(0, 256, (16, size, size, 3), np.uint8)}
@@ -45,7 +49,10 @@ def main(mode, workdir, *args):
         kernel = block["img_mlp"]["fc1"]["kernel"] if args[1] == "flowmo" else block["kernel"]
         result = dict(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
                       kernel=np.asarray(jax.device_get(kernel)).ravel()[:64].tolist(),
-                      kernel_sharding=str(kernel.sharding.spec), devices=jax.device_count())
+                      kernel_sharding=str(kernel.sharding.spec), devices=jax.device_count(),
+                      partners=jax.tree.map(lambda x: np.asarray(x).ravel().tolist(),
+                                            jax.device_get((state.partner_params,
+                                                            state.variables))))
         with open(os.path.join(workdir, "result.json"), "w") as f:
             json.dump(result, f)
     elif mode == "sigterm":

@@ -19,7 +19,7 @@ from tokenizers_jax.training import loop
 
 def run(config: ml_collections.ConfigDict, iterations: int = 3) -> dict[str, Any]:
     """Compiles the train step, runs one warm-up and `iterations` timed steps."""
-    step, state, constants, batch, compile_seconds = loop.fresh_step(config)
+    step, state, constants, batch, compile_seconds, compiled = loop.fresh_step(config)
     state, metrics = step(state, constants, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -27,7 +27,7 @@ def run(config: ml_collections.ConfigDict, iterations: int = 3) -> dict[str, Any
         state, metrics = step(state, constants, batch)
     jax.block_until_ready(metrics)
     seconds_per_step = (time.perf_counter() - start) / iterations
-    memory = step.memory_analysis()
+    memory = compiled.memory_analysis()
     return {
         "benchmark": "train",
         "model": config.model.name,

@@ -62,14 +62,14 @@ def load_params(directory: str | os.PathLike, target: Any | None = None) -> Any:
 
     Args:
       target: optional abstract tree (`jax.ShapeDtypeStruct`s with shardings) to restore onto
-        a device mesh; by default arrays land on the default device.
+        a device mesh; by default arrays land on this process's first device.
     """
     path = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
     with ocp.StandardCheckpointer() as checkpointer:
         if target is None:
             metadata = checkpointer.metadata(path)
             tree = getattr(metadata, "item_metadata", metadata)
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree
             )

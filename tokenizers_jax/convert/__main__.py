@@ -2,7 +2,7 @@
 
   python -m tokenizers_jax.convert flowmo --checkpoint flowmo_lo.pth \
       --config configs/flowmo.py:lo --output DIR
-  python -m tokenizers_jax.convert lpips|resnet50|inception|detailflow|siglip2 ...
+  python -m tokenizers_jax.convert lpips|resnet50|inception|detailflow|siglip2|dino ...
 
 Each subcommand lives in its own module, which defines `add_arguments(parser)` and
 `main(args)`; modules are imported only when their subcommand runs. Errors and exit statuses
@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "inception": ("tokenizers_jax.convert.inception", "pytorch-fid InceptionV3 (FID)"),
     "detailflow": ("tokenizers_jax.convert.detailflow", "DetailFlow tokenizer 128/256/512.pt"),
     "siglip2": ("tokenizers_jax.convert.siglip2", "Hugging Face SigLIP2 so400m safetensors"),
+    "dino": ("tokenizers_jax.convert.dino", "DINO ViT-S/16 dino_deitsmall16_pretrain.pth"),
 }
 
 

@@ -1,7 +1,8 @@
 """Import a released DetailFlow tokenizer (128.pt / 256.pt / 512.pt) into a model directory.
 
   python -m tokenizers_jax.convert detailflow --checkpoint 128.pt \
-      --config configs/detailflow.py:df16 --output converted/detailflow16 [--teacher] [--ema]
+      --config configs/detailflow.py:df16 --output converted/detailflow16 [--teacher] [--ema] \
+      [--discriminator]
 
 The files are `torch.save` dicts {model, optimizer, discriminator, optimizer_disc, steps,
 args, [ema]} from github.com/ByteFlow-AI/DetailFlow (README "Model zoo"). The `model` weights
@@ -13,6 +14,12 @@ be there with its shape, except two groups that are handled explicitly:
   - `quantize.codebook_used`, a rolling window of recent indices for the usage log, is not a
     parameter and is dropped (zeros are written back on export).
 The codebook is stored un-normalised, as in the file; the model normalises it at use.
+
+`--discriminator` also imports the file's `discriminator` entry (the five DINO heads with
+their spectral-norm vectors and BatchNorm statistics, strictly; see
+`tokenizers_jax.convert.discriminator`) into OUTPUT/discriminator, which
+`models.discriminator.load_discriminator_variables` reads, so training can resume from a
+release. The frozen DINO trunk comes from `convert dino`.
 """
 
 from __future__ import annotations
@@ -27,16 +34,18 @@ import numpy as np
 
 from tokenizers_jax import exported
 from tokenizers_jax.config_file import load_config
-from tokenizers_jax.convert import common
+from tokenizers_jax.convert import common, discriminator
 from tokenizers_jax.convert.common import ConversionError, Rule, squeeze_leading
 from tokenizers_jax.convert.siglip2 import abstract_vit_params, siglip2_config, vit_rules
 from tokenizers_jax.models import detailflow
+from tokenizers_jax.models import discriminator as heads_model
 
 TEACHER_PREFIX = "repa_model."
 TEACHER_TORCH = "repa_model.visual_model"
 USAGE_BUFFER = "quantize.codebook_used"
 USAGE_BUFFER_SIZE = 65536
 TEACHER_DIR = "teacher"
+DISCRIMINATOR_DIR = "discriminator"
 # checkpoint args fields that no tensor shape reveals -> config.model field.
 CHECKED_ARGS = {"group_size": "group_size"}
 
@@ -156,6 +165,18 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="also convert the frozen SigLIP2 teacher (repa_model.*) into "
                              "OUTPUT/teacher (needed only for training)")
     parser.add_argument("--ema", action="store_true", help="import the 'ema' weights")
+    parser.add_argument("--discriminator", action="store_true",
+                        help="also convert the GAN discriminator heads into "
+                             "OUTPUT/discriminator (to resume training from the release)")
+
+
+def select_discriminator(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The `discriminator` state dict of a training checkpoint file."""
+    if "discriminator" not in checkpoint:
+        raise ConversionError(
+            "the checkpoint has no 'discriminator' entry (found "
+            f"{sorted(checkpoint)[:8]}); drop --discriminator")
+    return checkpoint["discriminator"]
 
 
 def main(args: argparse.Namespace):
@@ -165,6 +186,10 @@ def main(args: argparse.Namespace):
         check_args(checkpoint.get("args"), config)
     state_dict = select_state_dict(checkpoint, use_ema=args.ema)
     params, teacher_params = state_dict_to_params(state_dict, config, teacher=args.teacher)
+    # Convert everything before writing anything, so a bad entry leaves no partial output.
+    heads = None
+    if args.discriminator:
+        heads = discriminator.discriminator_variables_from_torch(select_discriminator(checkpoint))
     exported.save_model_dir(args.output, config, params)
     count = sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(params))
     print(f"wrote {args.output}: {count:,} tokenizer parameters")
@@ -172,3 +197,8 @@ def main(args: argparse.Namespace):
         path = os.path.join(args.output, TEACHER_DIR)
         exported.save_model_dir(path, siglip2_config(config.model.teacher), teacher_params)
         print(f"wrote the teacher to {path}")
+    if heads is not None:
+        path = os.path.join(args.output, DISCRIMINATOR_DIR)
+        heads_config = ml_collections.ConfigDict({"model": {"name": heads_model.NAME}})
+        exported.save_model_dir(path, heads_config, heads)
+        print(f"wrote the discriminator heads to {path}")

@@ -7,7 +7,7 @@
         ...                                  # {"image": uint8 [L, S, S, 3], "mask": bool [L]}
 
 See `pipeline` for the batch layout over processes and for checkpointing the training
-iterator with orbax.
+iterator with orbax, and `tokens` for exported token datasets (`data.name = "tokens"`).
 """
 
 from tokenizers_jax.data.config import default_data_config
@@ -20,6 +20,7 @@ from tokenizers_jax.data.pipeline import (
 )
 from tokenizers_jax.data.sample_photos import SamplePhotosSource
 from tokenizers_jax.data.tfds_source import TfdsImageSource
+from tokenizers_jax.data.tokens import TokenSource
 from tokenizers_jax.data.transforms import TRANSFORMS, get_transform
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "SamplePhotosSource",
     "TRANSFORMS",
     "TfdsImageSource",
+    "TokenSource",
     "default_data_config",
     "get_transform",
     "local_batch_size",

@@ -9,13 +9,14 @@ def default_data_config() -> ml_collections.ConfigDict:
     """Defaults: built-in sample photos with FlowMo's transform at 256 px.
 
     Fields:
-      name: "sample_photos" (built in, nothing to download), "image_folder" (`path`) or
-        "imagenet2012" (TFDS array_record in `data_dir`).
+      name: "sample_photos" (built in, nothing to download), "image_folder" (`path`),
+        "imagenet2012" (TFDS array_record in `data_dir`) or "tokens" (a token export in
+        `path`, written by `python -m tokenizers_jax.export_tokens`; see `data.tokens`).
       image_size: side of the square crops, pixels.
-      transform: per-model transform, see `transforms.TRANSFORMS` ("flowmo").
-      path: image_folder: directory tree of training images.
-      eval_path: image_folder: directory of evaluation images; "" evaluates on a part of `path`
-        held out from training (`holdout_every`).
+      transform: per-model transform, see `transforms.TRANSFORMS` ("flowmo", "adm").
+      path: image_folder: directory tree of training images; tokens: the export directory.
+      eval_path: image_folder / tokens: the evaluation images / export; "" evaluates on `path`
+        (image_folder: on a part of it held out from training, see `holdout_every`).
       holdout_every: image_folder without eval_path: every N-th image of `path` (sorted by
         relative path) is held out for evaluation and never trained on (default 100: 1%);
         0 trains and evaluates on all of `path` (with a warning).

@@ -6,9 +6,14 @@ extension) are skipped when the folder is scanned; files whose header is fine bu
 are corrupt (e.g. truncated) are skipped when read, replaced by the next readable image. Both
 kinds are counted in `skipped` and reported with a logged warning; neither is fatal.
 
+Labels (for class-conditional models on exported tokens), ImageNet-folder style: an image's
+class is the first directory of its path below the root (`root/<class>/.../image.jpg`);
+images directly in the root form the class ".". `label_names` are the classes sorted, and an
+image's label is its class's position in that list.
+
 A folder can be split into a training part and a held-out part for evaluation
 (`holdout_every=N`): every N-th readable image in sorted order is held out, so the split is
-deterministic and spread over the whole tree.
+deterministic and spread over the whole tree. Both parts keep the labels of the whole folder.
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ def _list_files(root: str) -> list[str]:
     return sorted(files, key=lambda p: os.path.relpath(p, root))
 
 
+def _class_name(relative_path: str) -> str:
+    """The first directory of a path relative to the root; "." for files in the root."""
+    head, _, rest = relative_path.partition(os.sep)
+    return head if rest else "."
+
+
 class ImageFolderSource:
     """Random access to the images under `root`: item i is uint8 [H, W, 3] RGB.
 
@@ -67,6 +78,7 @@ class ImageFolderSource:
     Attributes:
       root: the directory.
       paths: the readable image files of the part, sorted.
+      labels: the label of each path; label_names: the classes (of the whole folder), sorted.
       skipped: files skipped as unreadable (at scan time, plus any found corrupt when read
         in this process).
     """
@@ -83,6 +95,10 @@ class ImageFolderSource:
         with concurrent.futures.ThreadPoolExecutor(scan_threads) as pool:
             readable = list(pool.map(_is_image, files))
         self.paths = [f for f, ok in zip(files, readable) if ok]
+        classes = [_class_name(os.path.relpath(p, root)) for p in self.paths]
+        self.label_names = tuple(sorted(set(classes)))
+        label_of = {name: label for label, name in enumerate(self.label_names)}
+        self.labels = [label_of[name] for name in classes]
         self.skipped: list[str] = []
         self._corrupt: set[str] = set()
         self._report_skipped([f for f, ok in zip(files, readable) if not ok])
@@ -92,10 +108,10 @@ class ImageFolderSource:
                 f"({len(files)} files found, none readable)"
             )
         if part != "all":
-            held_out = part == "holdout"
             total = len(self.paths)
-            self.paths = [p for i, p in enumerate(self.paths)
-                          if (i % holdout_every == 0) == held_out]
+            keep = [(i % holdout_every == 0) == (part == "holdout") for i in range(total)]
+            self.paths = [p for p, k in zip(self.paths, keep) if k]
+            self.labels = [label for label, k in zip(self.labels, keep) if k]
             if not self.paths:
                 raise ValueError(
                     f"image folder {root!r} has {total} image(s): holding out every "
@@ -116,12 +132,17 @@ class ImageFolderSource:
 
     def __getitem__(self, index: int) -> np.ndarray:
         """uint8 [H, W, 3]; a corrupt file is skipped for the next readable one (in order)."""
+        return self.read_labelled(index)[0]
+
+    def read_labelled(self, index: int) -> tuple[np.ndarray, int]:
+        """(uint8 [H, W, 3], label) of the image read (after skipping corrupt files)."""
         for offset in range(len(self.paths)):
-            path = self.paths[(index + offset) % len(self.paths)]
+            position = (index + offset) % len(self.paths)
+            path = self.paths[position]
             if path in self._corrupt:
                 continue
             try:
-                return read_rgb(path)
+                return read_rgb(path), self.labels[position]
             except DECODE_ERRORS:
                 self._corrupt.add(path)
                 self._report_skipped([path])

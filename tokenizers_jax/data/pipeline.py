@@ -23,6 +23,12 @@ state with grain's handler args, as a composite item:
 
 Each process writes its own small JSON state file (named by `jax.process_index()`).
 `train_iter.get_state()` / `set_state()` do the same in memory.
+
+Exported tokens (`data.name = "tokens"`, `data.path` = a token export; see `data.tokens`) go
+through the same shuffling, batching and process layout, with one of each example's views
+drawn at random per access instead of the image transform: batches are
+{"tokens": int32 [L, *token_shape], "label": int32 [L]} (evaluation: the canonical view, plus
+"mask").
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-from tokenizers_jax.data import sample_photos
+from tokenizers_jax.data import sample_photos, tokens
 from tokenizers_jax.data.image_folder import ImageFolderSource
 from tokenizers_jax.data.tfds_source import TfdsImageSource
 from tokenizers_jax.data.transforms import get_transform
@@ -82,13 +88,25 @@ def _imagenet_source(config: ml_collections.ConfigDict, split: str, seed: int):
     return TfdsImageSource("imagenet2012", tfds_split, config.data_dir or None)
 
 
+def _tokens_source(config: ml_collections.ConfigDict, split: str, seed: int):
+    del seed
+    path = config.path if split == "train" else config.eval_path or config.path
+    if not path:
+        raise ValueError("data.name='tokens' needs data.path (a directory written by "
+                         "python -m tokenizers_jax.export_tokens)")
+    return tokens.TokenSource(path)
+
+
 # Source builders by `data.name`: (config, "train" | "eval", seed) -> random-access source of
-# uint8 [H, W, 3] images.
+# uint8 [H, W, 3] images ("tokens": of exported token examples).
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str, int], Any]] = {
     "sample_photos": _sample_photos_source,
     "image_folder": _image_folder_source,
     "imagenet2012": _imagenet_source,
+    "tokens": _tokens_source,
 }
+# Sources whose items are token examples rather than images.
+TOKEN_SOURCES = frozenset({"tokens"})
 
 
 def make_source(config: ml_collections.ConfigDict, split: str, seed: int = 0):
@@ -181,18 +199,22 @@ def make_train_iterator(
       process_index / process_count: None for jax.process_index() / jax.process_count().
     Returns:
       A grain iterator (with get_state/set_state) of {"image": uint8 [L, S, S, 3]}, with
-      L = global_batch_size / process_count and S = config.image_size.
+      L = global_batch_size / process_count and S = config.image_size; for exported tokens
+      {"tokens": int32 [L, *token_shape], "label": int32 [L]}.
     """
     seed = config.seed if seed is None else seed
     process_index, process_count = _resolve_processes(process_index, process_count)
     batch_size = local_batch_size(global_batch_size, process_count)
-    transform = get_transform(config.transform).train
+    if config.name in TOKEN_SOURCES:
+        example = tokens.RandomView()
+    else:
+        example = _TrainExample(get_transform(config.transform).train, config.image_size)
     batches = (
         grain.MapDataset.source(make_source(config, "train", seed))
         .seed(seed)
         .shuffle()
         .repeat()
-        .random_map(_TrainExample(transform, config.image_size))
+        .random_map(example)
         .batch(batch_size, drop_remainder=True)
     )
     return _process_iterator(batches, config, process_index, process_count)
@@ -212,7 +234,9 @@ def make_eval_iterator(
     examples are zero images with mask False.
 
     Returns:
-      An iterator of {"image": uint8 [L, S, S, 3], "mask": bool [L]}.
+      An iterator of {"image": uint8 [L, S, S, 3], "mask": bool [L]}; for exported tokens
+      {"tokens": int32 [L, *token_shape], "label": int32 [L], "mask": bool [L]} of each
+      example's canonical view.
     """
     process_index, process_count = _resolve_processes(process_index, process_count)
     batch_size = local_batch_size(global_batch_size, process_count)
@@ -221,10 +245,10 @@ def make_eval_iterator(
     if config.num_eval_examples > 0:
         num_examples = min(num_examples, config.num_eval_examples)
     num_padded = -(-num_examples // global_batch_size) * global_batch_size
-    transform = get_transform(config.transform).eval
-    batches = (
-        grain.MapDataset.range(num_padded)
-        .map(_EvalExample(source, num_examples, transform, config.image_size))
-        .batch(batch_size)
-    )
+    if config.name in TOKEN_SOURCES:
+        example = tokens.eval_view(source, num_examples)
+    else:
+        transform = get_transform(config.transform).eval
+        example = _EvalExample(source, num_examples, transform, config.image_size)
+    batches = grain.MapDataset.range(num_padded).map(example).batch(batch_size)
     return _process_iterator(batches, config, process_index, process_count)

@@ -11,12 +11,16 @@ Item i of a source is a square crop of photo `i % num_photos` whose side is unif
 a deterministic function of (seed, i). The model's transform then resizes it to the image
 size, so one photo yields crops at many positions and scales: a training epoch of
 `crops_per_photo` crops per photo, and a fixed evaluation set from a fixed seed.
+
+Labels (for class-conditional models on exported tokens): item i is labelled with its photo's
+position in the split, `i % num_photos`; `label_names` are the photo names without extension.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.resources
+import os
 
 import numpy as np
 
@@ -65,6 +69,7 @@ class SamplePhotosSource:
         self.crops_per_photo = crops_per_photo
         self.min_crop_fraction = min_crop_fraction
         self.seed = seed
+        self.label_names = tuple(os.path.splitext(name)[0] for name in self.photos)
 
     def __len__(self) -> int:
         return self.crops_per_photo * len(self.photos)
@@ -80,6 +85,10 @@ class SamplePhotosSource:
         top = int(rng.integers(0, height - side + 1))
         left = int(rng.integers(0, width - side + 1))
         return photo[top : top + side, left : left + side]
+
+    def read_labelled(self, index: int) -> tuple[np.ndarray, int]:
+        """(uint8 [s, s, 3] crop, label): the label is the photo's index in the split."""
+        return self[index], index % len(self.photos)
 
     def __repr__(self) -> str:
         return f"SamplePhotosSource({list(self.photos)}, {len(self)} crops, seed={self.seed})"

@@ -35,6 +35,14 @@ def prepare_instructions(name: str, data_dir: str) -> str:
     return template.format(name=name, data_dir=data_dir)
 
 
+def _rgb(image) -> np.ndarray:
+    """uint8 [H, W, 3] from [H, W, 3], or grayscale [H, W] / [H, W, 1]."""
+    image = np.asarray(image)
+    if image.ndim == 2 or image.shape[-1] == 1:
+        image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=-1)
+    return image
+
+
 class TfdsImageSource:
     """Random access to the images of one split of a TFDS dataset: item i is uint8 [H, W, 3].
 
@@ -43,12 +51,14 @@ class TfdsImageSource:
       split: TFDS split, slicing allowed: "train", "validation[:1000]".
       data_dir: TFDS data directory; None for `$TFDS_DATA_DIR` or ~/tensorflow_datasets.
       image_key: the feature holding the image.
+      label_key: the feature holding the class label (`read_labelled`, `label_names`).
     """
 
     def __init__(
-        self, name: str, split: str, data_dir: str | None = None, image_key: str = "image"
+        self, name: str, split: str, data_dir: str | None = None, image_key: str = "image",
+        label_key: str = "label",
     ):
-        self.name, self.split, self.image_key = name, split, image_key
+        self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
         try:
             self._records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as err:
@@ -65,10 +75,20 @@ class TfdsImageSource:
         return len(self._records)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        image = np.asarray(self._records[index][self.image_key])
-        if image.ndim == 2 or image.shape[-1] == 1:  # [H, W] or [H, W, 1] grayscale
-            image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=-1)
-        return image
+        return _rgb(self._records[index][self.image_key])
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The names of the class labels (the label feature's `names`)."""
+        features = self._records.dataset_info.features
+        if self.label_key not in features:
+            raise ValueError(f"TFDS dataset {self.name!r} has no {self.label_key!r} feature")
+        return tuple(features[self.label_key].names)
+
+    def read_labelled(self, index: int) -> tuple[np.ndarray, int]:
+        """(uint8 [H, W, 3], int label) of example `index`."""
+        record = self._records[index]
+        return _rgb(record[self.image_key]), int(record[self.label_key])
 
     def __repr__(self) -> str:
         return f"TfdsImageSource({self.name!r}, split={self.split!r}, {len(self)} images)"

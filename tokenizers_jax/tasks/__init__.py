@@ -6,7 +6,7 @@ import importlib
 
 import ml_collections
 
-from tokenizers_jax.tasks.base import Task
+from tokenizers_jax.tasks.base import MODEL, LossOutput, Networks, Objective, StepContext, Task
 
 # model.name -> "module:class".
 TASKS = {
@@ -22,4 +22,5 @@ def build_task(config: ml_collections.ConfigDict) -> Task:
     return getattr(importlib.import_module(module_name), class_name)(config)
 
 
-__all__ = ["Task", "TASKS", "build_task"]
+__all__ = ["MODEL", "LossOutput", "Networks", "Objective", "StepContext", "Task", "TASKS",
+           "build_task"]

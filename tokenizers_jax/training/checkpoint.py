@@ -4,7 +4,10 @@ Layout of a workdir DIR:
   DIR/config.json                  the resolved config of the run
   DIR/checkpoints/<step>/params/      raw params          (orbax, sharded arrays)
   DIR/checkpoints/<step>/ema_params/  EMA params
-  DIR/checkpoints/<step>/train_state/ step, optimizer state, reference norms, RNG
+  DIR/checkpoints/<step>/train_state/ step, optimizer state, reference norms, RNG (and, for
+                                   tasks that have them, partner networks such as a GAN
+                                   discriminator with their optimizer states, and the
+                                   non-trained variables)
   DIR/checkpoints/<step>/data/        grain iterator state, one file per process
 
 Orbax writes each step into a temporary directory and renames it when every item is complete,
@@ -214,9 +217,17 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+# TrainState fields kept in the train_state item only when the task has them (a single-model
+# task's checkpoints hold exactly step, opt_state, reference_norms and rng).
+OPTIONAL_FIELDS = ("partner_params", "partner_opt_state", "variables")
+
+
 def _train_state_item(state: TrainState) -> dict[str, Any]:
-    return dict(step=state.step, opt_state=state.opt_state,
+    item = dict(step=state.step, opt_state=state.opt_state,
                 reference_norms=state.reference_norms, rng=state.rng)
+    item.update({name: getattr(state, name) for name in OPTIONAL_FIELDS
+                 if jax.tree.leaves(getattr(state, name))})
+    return item
 
 
 def _item_path(workdir: str, item: str, step: int | None) -> tuple[epath.Path, int]:

@@ -1,11 +1,15 @@
 """The generic training loop: `train_and_evaluate(config, workdir)`.
 
-One `jax.jit` train step with explicit shardings and a donated state:
+One `jax.jit` train step with explicit shardings and a donated state (per static variant of
+the task's host draws; see `tasks.base` for the task interface):
 
   batch [B, ...] -> micro-batches [n, B/n, ...] (lax.scan, gradients averaged)
     each micro-batch -> `train.loss_groups` interleaved groups (vmap; batch statistics such as
     LFQ entropy are per group, like the original's per-GPU statistics)
-  -> Adam (+ encoder freeze) -> fix_initial_norms -> EMA
+    -> the task's objectives in order (e.g. generator, then discriminator on the same
+       reconstructions), each differentiated against one network, threading the
+       non-trained state
+  -> each network's optimizer; for the model (+ encoder freeze) fix_initial_norms and EMA
   -> a non-finite loss or gradient keeps the old state and stops the run on the host.
 
 Row r of the global batch belongs to micro-batch r % n and, within it, to group (r // n) % G;
@@ -18,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, Callable, Iterator, NamedTuple
+import functools
+from typing import Any, Callable, Hashable, Iterator, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -62,88 +67,180 @@ def _interleave(x: jax.Array, parts: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(x.shape[0] // parts, parts, *x.shape[1:]), 0, 1)
 
 
-def make_train_step(task: tasks.Task, tx: optax.GradientTransformation,
-                    train_config: ml_collections.ConfigDict, mesh: Mesh, fixed_norm_mask: Any):
-    """(state, constants, batch) -> (state, metrics): the whole update, to be jitted."""
+def _group_outputs_of_one(tree: Any) -> Any:
+    """Drops the group axis of vmapped objective outputs (valid only for one loss group)."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def make_train_step(task: tasks.Task, txs: state_lib.Optimizers,
+                    train_config: ml_collections.ConfigDict, mesh: Mesh, fixed_norm_mask: Any,
+                    static: Hashable = None):
+    """(state, constants, batch, draws) -> (state, metrics): the whole update, to be jitted.
+
+    Args:
+      txs: the optimizer of the model and of each partner network.
+      static: the step's static variant (`Task.host_draws`), fixed for this compiled step.
+    """
     accum, groups = train_config.grad_accum_steps, train_config.loss_groups
     micro_sharding = NamedSharding(mesh, P(None, sharding_lib.BATCH_AXES))
+    objectives = task.objectives()
 
-    def micro_batch_loss(params, constants, micro_batch, keys):
+    def objective_loss(objective, trained, params, context, micro_batch, keys):
         """Mean loss over the groups of one micro-batch (vmapped over groups; keys [G, 2])."""
+        params = {**params, objective.trains: trained}
         grouped = jax.tree.map(lambda x: _interleave(x, groups), micro_batch)
-        losses, metrics = jax.vmap(task.loss, in_axes=(None, None, 0, 0))(
-            params, constants, grouped, keys)
-        return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
 
-    grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
+        def group_loss(group_batch, key, carry):
+            return objective.loss(params, context._replace(carry=carry), group_batch, key)
 
-    def train_step(state: state_lib.TrainState, constants, batch):
+        losses, output = jax.vmap(group_loss)(grouped, keys, context.carry)
+        return jnp.mean(losses), output
+
+    grad_fns = [jax.value_and_grad(functools.partial(objective_loss, objective), has_aux=True)
+                for objective in objectives]
+
+    def train_step(state: state_lib.TrainState, constants, batch, draws):
         step_key = jax.random.fold_in(state.rng, state.step)
         micro_batches = jax.tree.map(
             lambda x: jax.lax.with_sharding_constraint(_interleave(x, accum), micro_sharding),
             batch)
+        params = {tasks.MODEL: state.params, **state.partner_params}
 
-        def accumulate(grads, inputs):
+        def accumulate(carry, inputs):
+            grads, variables = carry
             micro_batch, index = inputs
             sub_batches = index * groups + jnp.arange(groups)
             keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(sub_batches)
-            (loss, metrics), micro_grads = grad_fn(state.params, constants, micro_batch, keys)
-            grads = jax.tree.map(lambda g, m: g + m / accum, grads, micro_grads)
-            return grads, dict(metrics, loss=loss)
+            context = tasks.StepContext(constants, variables, draws, static, None)
+            metrics = {}
+            for objective, grad_fn in zip(objectives, grad_fns):
+                (loss, output), objective_grads = grad_fn(
+                    params[objective.trains], params, context, micro_batch, keys)
+                grads = {**grads, objective.trains: jax.tree.map(
+                    lambda g, m: g + m / accum, grads[objective.trains], objective_grads)}
+                metrics.update(jax.tree.map(jnp.mean, dict(output.metrics)))
+                metrics[objective.name] = loss
+                if output.variables is not None:
+                    context = context._replace(variables=_group_outputs_of_one(output.variables))
+                context = context._replace(carry=output.carry)
+            return (grads, context.variables), metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, metrics = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(accum)))
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, variables), metrics = jax.lax.scan(
+            accumulate, (zeros, state.variables), (micro_batches, jnp.arange(accum)))
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = txs[tasks.MODEL].update(grads[tasks.MODEL], state.opt_state,
+                                                     state.params)
+        model_params = optax.apply_updates(state.params, updates)
         if fixed_norm_mask is not None:
-            params = optimizer_lib.renormalize(params, state.reference_norms, fixed_norm_mask)
-        ema_params = optimizer_lib.ema_update(state.ema_params, params, state.step,
+            model_params = optimizer_lib.renormalize(model_params, state.reference_norms,
+                                                     fixed_norm_mask)
+        ema_params = optimizer_lib.ema_update(state.ema_params, model_params, state.step,
                                               train_config.ema_decay, train_config.ema_every)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=ema_params)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        partner_params, partner_opt_state = {}, {}
+        for name, partner in state.partner_params.items():
+            partner_updates, partner_opt_state[name] = txs[name].update(
+                grads[name], state.partner_opt_state[name], partner)
+            partner_params[name] = optax.apply_updates(partner, partner_updates)
+        new_state = state.replace(step=state.step + 1, params=model_params, opt_state=opt_state,
+                                  ema_params=ema_params, partner_params=partner_params,
+                                  partner_opt_state=partner_opt_state, variables=variables)
+        grad_norms = {name: optax.global_norm(g) for name, g in grads.items()}
+        finite = jnp.all(jnp.stack(
+            [jnp.isfinite(metrics[o.name]) for o in objectives]
+            + [jnp.isfinite(norm) for norm in grad_norms.values()]))
         # A non-finite update is dropped (only the step advances, so that the host can stop).
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         new_state = new_state.replace(step=state.step + 1)
-        metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params),
+        metrics.update(grad_norm=grad_norms.pop(tasks.MODEL),
+                       param_norm=optax.global_norm(new_state.params),
                        update_norm=optax.global_norm(updates), finite=finite)
+        metrics.update({f"{name}_grad_norm": norm for name, norm in grad_norms.items()})
         return new_state, metrics
 
     return train_step
 
 
-def compile_train_step(task, tx, config, mesh, shardings, fixed_norm_mask, state, constants,
-                       batch):
-    """The AOT-compiled train step and its compile time in seconds."""
-    replicated = sharding_lib.replicated(mesh)
-    jitted = jax.jit(
-        make_train_step(task, tx, config.train, mesh, fixed_norm_mask),
-        in_shardings=(shardings, replicated, sharding_lib.batch_sharding(mesh)),
-        out_shardings=(shardings, replicated),
-        donate_argnums=(0,),
-    )
-    return timing.compile_seconds(jitted, state, constants, batch)
+class Setup(NamedTuple):
+    """Everything a run needs but the data and the state."""
+
+    task: tasks.Task
+    mesh: Mesh
+    txs: state_lib.Optimizers  # the model's and each partner's optimizer
+    schedules: dict[str, optax.ScalarOrSchedule]  # their learning rates (for logging)
+    shardings: state_lib.TrainState
+    fixed_norm_mask: Any
 
 
-def abstract_state(task, tx) -> state_lib.TrainState:
-    return jax.eval_shape(
-        lambda k: state_lib.state_from_params(nn.unbox(task.init_params(k)), k, tx),
-        jax.random.PRNGKey(0))
+def check_task_layout(task: tasks.Task, train_config: ml_collections.ConfigDict,
+                      networks: tasks.Networks):
+    """Raises a ValueError for objectives or optimizers that do not fit the task's networks."""
+    names = {tasks.MODEL, *networks.partners}
+    configured = set(task.optimizer_configs())
+    if configured != names:
+        raise ValueError(f"{type(task).__name__} trains {sorted(names)} but has optimizer "
+                         f"sections for {sorted(configured)}")
+    for objective in task.objectives():
+        if objective.trains not in names:
+            raise ValueError(f"objective {objective.name!r} trains {objective.trains!r}, "
+                             f"which is none of {sorted(names)}")
+    if jax.tree.leaves(networks.variables) and train_config.loss_groups != 1:
+        raise ValueError(f"{type(task).__name__} keeps non-trained state across the batch "
+                         "(e.g. BatchNorm statistics); set train.loss_groups=1")
 
 
-def setup(config: ml_collections.ConfigDict):
-    """(task, mesh, optimizer, state shardings, fixed-norm mask): everything but the data."""
+def setup(config: ml_collections.ConfigDict) -> Setup:
+    """The task, mesh, optimizers, state shardings and fixed-norm mask of a config."""
     task = tasks.build_task(config)
     mesh = sharding_lib.make_mesh(config.mesh)
     check_batch_size(config.train, mesh)
-    params_shape = nn.unbox(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
-    tx = optimizer_lib.make_optimizer(config.optim, task.freeze_mask(params_shape))
-    shardings = state_lib.state_shardings(task.init_params, tx, mesh,
+    networks = jax.eval_shape(task.init_networks, jax.random.PRNGKey(0))
+    check_task_layout(task, config.train, networks)
+    params_shape = nn.unbox(networks.params)
+    num_steps = config.train.num_steps
+    txs, schedules = {}, {}
+    for name, optim_config in task.optimizer_configs().items():
+        freeze_mask = task.freeze_mask(params_shape) if name == tasks.MODEL else None
+        txs[name] = optimizer_lib.make_optimizer(optim_config, freeze_mask, num_steps)
+        schedules[name] = optimizer_lib.make_schedule(optim_config, num_steps)
+    shardings = state_lib.state_shardings(task.init_networks, txs, mesh,
                                           sharding_lib.logical_rules(config.mesh))
-    return task, mesh, tx, shardings, task.fixed_norm_mask(params_shape)
+    return Setup(task, mesh, txs, schedules, shardings, task.fixed_norm_mask(params_shape))
+
+
+class StepCompiler:
+    """The train step compiled once per static variant (`Task.host_draws`), cached."""
+
+    def __init__(self, run: Setup, config: ml_collections.ConfigDict):
+        self.run = run
+        self.config = config
+        self.compiled: dict[Hashable, Any] = {}
+        self.compile_seconds: dict[Hashable, float] = {}
+
+    def __call__(self, static: Hashable, state, constants, batch, draws):
+        """The compiled step for `static` (compiling it for these arguments if it is new)."""
+        if static not in self.compiled:
+            run, mesh = self.run, self.run.mesh
+            replicated = sharding_lib.replicated(mesh)
+            jitted = jax.jit(
+                make_train_step(run.task, run.txs, self.config.train, mesh,
+                                run.fixed_norm_mask, static),
+                in_shardings=(run.shardings, replicated, sharding_lib.batch_sharding(mesh),
+                              replicated),
+                out_shardings=(run.shardings, replicated),
+                donate_argnums=(0,),
+            )
+            self.compiled[static], self.compile_seconds[static] = timing.compile_seconds(
+                jitted, state, constants, batch, draws)
+        return self.compiled[static]
+
+
+def abstract_state(run: Setup) -> state_lib.TrainState:
+    return jax.eval_shape(
+        lambda k: state_lib.state_from_networks(state_lib.unbox_networks(run.task.init_networks(k)), k,
+                                                run.txs),
+        jax.random.PRNGKey(0))
 
 
 class FreshStep(NamedTuple):
@@ -154,42 +251,47 @@ class FreshStep(NamedTuple):
     constants: Any
     batch: Any
     compile_seconds: float
+    compiled: Any  # the AOT-compiled step (memory and cost analysis)
 
 
 def fresh_step(config: ml_collections.ConfigDict, local_batch: Any | None = None) -> FreshStep:
-    """A freshly initialised sharded state and the step compiled for `local_batch`.
+    """A freshly initialised sharded state and the step of update 0 compiled for `local_batch`.
 
     Args:
       local_batch: this process's rows of a global batch; None for the task's synthetic batch.
     """
-    task, mesh, tx, shardings, fixed_norm_mask = setup(config)
+    run = setup(config)
     if local_batch is None:
-        local_batch = task.synthetic_batch(config.train.batch_size // jax.process_count())
-    state = state_lib.create_state(task.init_params, tx, shardings, config.seed)
-    constants = sharding_lib.replicate(task.constants, mesh)
-    batch = sharding_lib.global_batch(local_batch, mesh)
-    step, seconds = compile_train_step(task, tx, config, mesh, shardings, fixed_norm_mask, state,
-                                       constants, batch)
-    return FreshStep(step, state, constants, batch, seconds)
+        local_batch = run.task.synthetic_batch(config.train.batch_size // jax.process_count())
+    state = state_lib.create_state(run.task.init_networks, run.txs, run.shardings, config.seed)
+    constants = sharding_lib.replicate(run.task.constants, run.mesh)
+    batch = sharding_lib.global_batch(local_batch, run.mesh)
+    static, host_draws = run.task.host_draws(0)
+    draws = sharding_lib.replicate(host_draws, run.mesh)
+    compiler = StepCompiler(run, config)
+    compiled = compiler(static, state, constants, batch, draws)
+    return FreshStep(lambda s, c, b: compiled(s, c, b, draws), state, constants, batch,
+                     compiler.compile_seconds[static], compiled)
 
 
-def _initial_state(config, task, tx, shardings, checkpointer, train_iterator):
-    """Latest checkpoint in the workdir, else `init_from`'s params, else a fresh init."""
+def _initial_state(config, run: Setup, checkpointer, train_iterator):
+    """Latest checkpoint in the workdir, else `init_from`'s model params, else a fresh init."""
     latest = checkpointer.latest_step()
     if latest is not None:
-        return checkpointer.restore(latest, abstract_state(task, tx), shardings, train_iterator)
+        return checkpointer.restore(latest, abstract_state(run), run.shardings, train_iterator)
     params = None
     if config.init_from:
         params = checkpoint_lib.restore_params(
-            config.init_from, abstract_state(task, tx).params, shardings.params, item="params")
-    return state_lib.create_state(task.init_params, tx, shardings, config.seed, params)
+            config.init_from, abstract_state(run).params, run.shardings.params, item="params")
+    return state_lib.create_state(run.task.init_networks, run.txs, run.shardings, config.seed,
+                                  params)
 
 
 def input_pipelines(config) -> tuple[Iterator[Any], Any]:
     """(checkpointable train iterator of this process's rows, eval batch) from `config.data`.
 
-    The eval batch (the first `eval.num_images` evaluation images) is the same on every
-    process.
+    The eval batch (the first `eval.num_images` evaluation examples, without the padding
+    mask) is the same on every process.
     """
     from tokenizers_jax import data  # pylint: disable=import-outside-toplevel
 
@@ -197,11 +299,16 @@ def input_pipelines(config) -> tuple[Iterator[Any], Any]:
                                               global_batch_size=config.train.batch_size)
     eval_iterator = data.make_eval_iterator(config.data, global_batch_size=config.eval.num_images,
                                             process_index=0, process_count=1)
-    return train_iterator, {"image": next(iter(eval_iterator))["image"]}
+    eval_batch = next(iter(eval_iterator))
+    return train_iterator, {name: value for name, value in eval_batch.items() if name != "mask"}
 
 
 class _Evaluator:
-    """Evaluates (EMA) params on a fixed batch with a fixed key; logs metrics and a grid."""
+    """Evaluates (EMA) params on a fixed batch with a fixed key; logs metrics and a grid.
+
+    The grid shows the batch's input images (if the task has any) above the task's output
+    images: one row for [B, H, W, 3], R rows for [R, B, H, W, 3].
+    """
 
     def __init__(self, task, config, mesh, params_shardings, constants, eval_batch, writer):
         replicated = sharding_lib.replicated(mesh)
@@ -219,7 +326,10 @@ class _Evaluator:
         metrics, images = jax.device_get(self.fn(params, self.constants, self.batch, self.key))
         metrics = {f"eval/{name}": float(value) for name, value in metrics.items()}
         self.writer.write_scalars(step, metrics)
-        self.writer.write_image(step, "reconstruction", image_grid([self.inputs, images]))
+        rows = list(images) if images.ndim == 5 else [images]
+        if self.inputs is not None:
+            rows.insert(0, self.inputs)
+        self.writer.write_image(step, "reconstruction", image_grid(rows))
         logging.info("eval at step %d: %s", step, metrics)
         return metrics
 
@@ -234,8 +344,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     the replayed steps appear once.
 
     Returns:
-      a summary: final step, last train metrics, last eval metrics, compile seconds, and
-      `stopped`: "done", or "preempted" (SIGTERM / SIGINT; `signal` names it) after saving.
+      a summary: final step, last train metrics, last eval metrics, compile seconds (summed
+      over the compiled step variants), and `stopped`: "done", or "preempted" (SIGTERM /
+      SIGINT; `signal` names it) after saving.
     Raises:
       workdir.WorkdirMismatchError: the workdir holds a run of another config.
       checkpoint.CheckpointSaveError: a checkpoint could not be written (the run stops).
@@ -244,7 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     workdir = os.path.abspath(workdir)
     workdir_lib.check_resumable(workdir, config)
-    task, mesh, tx, shardings, fixed_norm_mask = setup(config)
+    run = setup(config)
+    task, mesh = run.task, run.mesh
     train_iterator, eval_batch = input_pipelines(config)
     workdir_lib.save_config(workdir, config)
     summary: dict[str, Any] = {"stopped": "done", "eval": {}, "train": {}}
@@ -254,21 +366,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
         cleanup.callback(checkpointer.close)
         restored_step = checkpointer.latest_step()
-        state = _initial_state(config, task, tx, shardings, checkpointer, train_iterator)
+        state = _initial_state(config, run, checkpointer, train_iterator)
         total = config.train.num_steps
         # A run from scratch rewrites every row; a resumed one those after its checkpoint.
         writer = MetricWriter(workdir, total,
                               restart_step=-1 if restored_step is None else restored_step)
         cleanup.callback(writer.close)
         constants = sharding_lib.replicate(task.constants, mesh)
-        evaluator = _Evaluator(task, config, mesh, shardings.params, constants, eval_batch,
+        evaluator = _Evaluator(task, config, mesh, run.shardings.params, constants, eval_batch,
                                writer)
+        compiler = StepCompiler(run, config)
         step = int(jax.device_get(state.step))
         if step == 0 and config.eval.every > 0:
             summary["eval"] = evaluator(state, step)
-        train_step = None
         pending = None  # (step, device metrics) not yet checked on the host
         rate_window = (time.perf_counter(), step)
+
+        def learning_rates(step_) -> dict[str, float]:
+            """The learning rates update `step_` - 1 used, per trained network."""
+            return {"train/learning_rate" + ("" if name == tasks.MODEL else f"_{name}"):
+                    optimizer_lib.learning_rate(schedule, step_ - 1)
+                    for name, schedule in run.schedules.items()}
 
         def report(step_, metrics):
             nonlocal rate_window
@@ -286,8 +404,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             steps_per_second = (step_ - rate_window[1]) / max(now - rate_window[0], 1e-9)
             rate_window = (now, step_)
             scalars = {f"train/{name}": value for name, value in host.items()}
-            scalars.update({"train/learning_rate": config.optim.lr,
-                            "perf/steps_per_second": steps_per_second,
+            scalars.update(learning_rates(step_))
+            scalars.update({"perf/steps_per_second": steps_per_second,
                             "perf/images_per_second": steps_per_second * config.train.batch_size})
             writer.write_scalars(step_, scalars)
             writer.console(step_, {"loss": host["loss"]}, steps_per_second)
@@ -306,15 +424,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                 watcher.signal_name, step)
                 break
             batch = sharding_lib.global_batch(next(train_iterator), mesh)
-            if train_step is None:
-                train_step, compile_seconds = compile_train_step(
-                    task, tx, config, mesh, shardings, fixed_norm_mask, state, constants, batch)
-                summary["compile_seconds"] = compile_seconds
-                # Logged at the step it produces, after the restored one: never replayed twice.
-                writer.write_scalars(step + 1, {"perf/compile_seconds": compile_seconds})
-                logging.info("train step compiled in %.1fs", compile_seconds)
+            static, host_draws = task.host_draws(step)
+            draws = sharding_lib.replicate(host_draws, mesh)
+            if static not in compiler.compiled:
+                train_step = compiler(static, state, constants, batch, draws)
+                seconds = compiler.compile_seconds[static]
+                summary["compile_seconds"] = sum(compiler.compile_seconds.values())
+                # Logged at the step it produces, after any restored one: never replayed twice.
+                writer.write_scalars(step + 1, {"perf/compile_seconds": seconds})
+                logging.info("train step compiled in %.1fs%s", seconds,
+                             "" if static is None else f" (variant {static})")
                 rate_window = (time.perf_counter(), step)
-            state, metrics = train_step(state, constants, batch)
+            train_step = compiler.compiled[static]
+            state, metrics = train_step(state, constants, batch, draws)
             step += 1
             if pending is not None:
                 report(*pending)
