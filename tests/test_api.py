@@ -1,5 +1,7 @@
 """The public tokenizer API: load_tokenizer, encode/decode/reconstruct, input validation."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,3 +86,53 @@ def test_load_tokenizer_errors(tmp_path):
 def test_to_uint8_rounds_and_clips():
     np.testing.assert_array_equal(api.to_uint8(np.array([-1.5, -1.0, 0.0, 1.0])),
                                   [0, 0, 128, 255])
+
+
+def test_reconstruct_keeps_the_input_size_or_says_how(tokenizer):
+    c = tokenizer.model.config
+    with pytest.raises(ValueError, match=r"encodes 16x16 images, got 32x32; .* pass "
+                                         r"image_size=32 to encode \(and decode\)"):
+        tokenizer.reconstruct(photos(size=32))
+    with pytest.raises(ValueError, match="encodes 16x16 images, got 16x32"):
+        tokenizer.encode(np.zeros((2, 16, 32, 3), np.uint8))
+    bigger = tokenizer.reconstruct(photos(size=32), image_size=32, seed=1)
+    assert bigger.shape == (2, 32, 32, 3)
+    assert tokenizer.encode(photos(size=32), image_size=32).shape == (2, c.tokens_per_image)
+
+
+def test_out_of_range_indices_and_empty_batches_are_clear_errors(tokenizer):
+    indices = np.zeros((2, 16), np.int32)
+    for bad in (10**6, -5):
+        indices[1, 3] = bad
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, 16\)"):
+            tokenizer.decode(indices)
+    with pytest.raises(ValueError, match="empty batch"):
+        tokenizer.encode(np.zeros((0, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="empty batch"):
+        tokenizer.decode(np.zeros((0, 16), np.int32))
+
+
+def test_a_training_workdir_loads_without_warnings(tokenizer, tmp_path, caplog):
+    import ml_collections
+    import optax
+
+    from tokenizers_jax import data
+    from tokenizers_jax.training import checkpoint
+    from tokenizers_jax.training.state import state_from_params
+
+    workdir = str(tmp_path)
+    config = tokenizer.config
+    checkpoint.save_config(workdir, config)
+    ema = jax.tree.map(lambda x: x + 1.0, tokenizer.params)
+    state = state_from_params(tokenizer.params, jax.random.PRNGKey(0), optax.adam(1e-3))
+    state = state.replace(step=jnp.int32(7), ema_params=ema)
+    checkpointer = checkpoint.Checkpointer(
+        workdir, ml_collections.ConfigDict(dict(keep=2, keep_every=0, async_save=False)))
+    checkpointer.save(state, data.make_train_iterator(config.data, global_batch_size=2))
+    checkpointer.close()
+
+    with caplog.at_level(logging.WARNING):
+        loaded = tokenizers_jax.load_tokenizer(workdir)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    for got, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(ema)):
+        np.testing.assert_array_equal(got, want)

@@ -1,5 +1,8 @@
 """grain pipelines: batch layout over processes, epochs, resumption, evaluation padding."""
 
+import logging
+import os
+
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
@@ -7,7 +10,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from tokenizers_jax.data import default_data_config, make_eval_iterator, make_train_iterator
+from tokenizers_jax.data import default_data_config, make_eval_iterator, make_source
+from tokenizers_jax.data import make_train_iterator
 from tokenizers_jax.data import sample_photos
 
 NUM_TRAIN = 2 * len(sample_photos.TRAIN_PHOTOS)  # examples per epoch with crops_per_photo=2
@@ -122,10 +126,30 @@ def test_image_folder_pipeline_upscales_small_images(config, tmp_path):
     Image.new("L", (5, 7), 90).save(tmp_path / "tiny.png")
     Image.new("RGBA", (40, 20), (1, 2, 3, 4)).save(tmp_path / "wide.png")
     config.name, config.path = "image_folder", str(tmp_path)
+    config.holdout_every = 0  # train and evaluate on both images
     batch = next(_train(config, global_batch_size=2))["image"]
     assert batch.shape == (2, 16, 16, 3)
     evaluation = next(make_eval_iterator(config, global_batch_size=2))["image"]
     assert {tuple(image[0, 0]) for image in evaluation} == {(90, 90, 90), (1, 2, 3)}
+
+
+def test_image_folder_evaluates_on_images_held_out_from_training(config, tmp_path, caplog):
+    for i in range(5):
+        Image.new("L", (16, 16), 10 * i).save(tmp_path / f"{i}.png")
+    config.name, config.path = "image_folder", str(tmp_path)
+    names = lambda split: sorted(os.path.basename(p) for p in make_source(config, split).paths)
+    assert names("eval") == ["0.png"] and names("train") == ["1.png", "2.png", "3.png", "4.png"]
+    config.holdout_every = 2
+    assert names("eval") == ["0.png", "2.png", "4.png"] and names("train") == ["1.png", "3.png"]
+    config.holdout_every = 0
+    with caplog.at_level(logging.WARNING):
+        assert names("eval") == names("train") == [f"{i}.png" for i in range(5)]
+    assert "evaluating on the training images" in caplog.text
+    config.holdout_every, config.eval_path = 2, str(tmp_path)
+    assert names("train") == [f"{i}.png" for i in range(5)]  # a separate eval folder: all train
+    config.holdout_every, config.eval_path = 1, ""
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        make_source(config, "train")
 
 
 def test_imagenet_pipeline_on_mock_data(config):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 
 from conftest import small_flowmo_config
 from tokenizers_jax import api, data, evaluation, exported, metrics
+from tokenizers_jax.config_file import load_config
 from tokenizers_jax.models import flowmo
 from tokenizers_jax.training import checkpoint
 from tokenizers_jax.training.state import state_from_params
@@ -39,6 +41,38 @@ def params(evaluator):
     return flowmo.init_params(flowmo.build_model(evaluator.config), jax.random.key(0))
 
 
+def tensorboard_tags(directory):
+    """Every summary tag in the event files of `directory` (TFRecord framing, Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            tags.update(value.tag for value in event.summary.value)
+            offset += 12 + length + 4
+    return tags
+
+
+def test_missing_checkpoint_or_unsupported_model_fail_before_any_work(tmp_path):
+    config = eval_config()
+    with pytest.raises(FileNotFoundError, match=r"^no such directory: .*missing; --checkpoint "
+                                                "must be a model directory"):
+        evaluation.evaluate(config, str(tmp_path / "missing"), str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="is neither a model directory .* nor a training "
+                                                "workdir .*: it has no config.json"):
+        evaluation.evaluate(config, str(tmp_path), str(tmp_path / "out"))
+    detailflow = load_config("configs/detailflow.py:tiny")
+    with pytest.raises(ValueError, match="evaluation is not supported yet for detailflow; "
+                                         "supported models: flowmo"):
+        evaluation.evaluate(detailflow, str(tmp_path), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_missing_network_weights_fail_at_start(tmp_path):
     config = eval_config(allow_random_init_networks=False)
     config.eval.inception_path = str(tmp_path / "no_inception")
@@ -55,9 +89,18 @@ def test_evaluate_model_dir(evaluator, params, tmp_path):
 
     with open(os.path.join(output_dir, "metrics_model.json")) as f:
         assert json.load(f) == json.loads(json.dumps(result))
-    assert os.path.isfile(os.path.join(output_dir, "images", "reconstructions_00000000.png"))
-    assert os.listdir(os.path.join(output_dir, "tensorboard"))
     assert result["random_init_networks"] is True and result["step"] is None
+    # Random-init networks are marked in every output, not only in the JSON.
+    assert result["notes"][0].startswith("RANDOM-INIT Inception and LPIPS networks")
+    assert os.listdir(os.path.join(output_dir, "images")) == [
+        "reconstructions_RANDOM_INIT_00000000.png"]
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        (row,) = [json.loads(line) for line in f]
+    assert {"eval/rfid_RANDOM_INIT", "eval/lpips_vgg_RANDOM_INIT", "eval/psnr"} <= set(row)
+    assert not {"eval/rfid", "eval/lpips_vgg"} & set(row)
+    tags = tensorboard_tags(os.path.join(output_dir, "tensorboard"))
+    assert {"eval/rfid_RANDOM_INIT", "reconstructions_RANDOM_INIT"} <= tags
+    assert "eval/rfid" not in tags
     assert result["num_examples"] == NUM_EXAMPLES
     for name in ("rfid", "psnr", "psnr_flowmo_batch_compat", "ssim", "lpips_vgg",
                  "codebook_usage", "codebook_perplexity", "bits_per_pixel"):

@@ -349,9 +349,9 @@ def test_cli_on_two_devices_and_another_batch_size_writes_the_same_export(
 
     bad = cli(tmp_path / "other", batch_size=3)
     assert bad.returncode == 1
-    last_line = bad.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("export_tokens: error: export.batch_size=3 must be a multiple "
-                                "of this process's 2 devices")
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: export.batch_size=3 must be a multiple of this process's 2 devices")
 
 
 @pytest.mark.slow

@@ -325,6 +325,7 @@ def test_one_task_per_node_takes_all_its_gpus(slurm):
     assert words[8:] == [
         "tokenizers_jax_task", "python", "-m", "tokenizers_jax.train",
         "--config=configs/flowmo.py:lo", "--workdir=/shared/runs/lo", "--distributed",
+        "--exit_code_on_preemption=0",
         f"--coordinator_address=gpu-a01:{PORT}", "--num_processes=2",
         "--config.train.num_steps=5"]
     task_env = dict(env, SLURM_PROCID="1", SLURM_LOCALID="0",
@@ -395,7 +396,7 @@ def test_requeue_only_after_progress_short_of_the_last_step(
     assert calls[0].startswith("srun --kill-on-bad-exit=1 --label")
     assert calls[0].endswith(f"-m tokenizers_jax.train --config=configs/flowmo.py:lo "
                              f"--workdir=/shared/runs/lo --distributed "
-                             f"--coordinator_address=gpu-a01:{PORT} --num_processes=2")
+                             f"--exit_code_on_preemption=0 --coordinator_address=gpu-a01:{PORT} --num_processes=2")
     assert (f"scontrol requeue {JOB_ID}" in calls) == requeued
 
 
@@ -405,7 +406,8 @@ def test_local_dry_run_prints_one_cpu_process_per_id():
                      "--workdir=/tmp/run", "--", "--config.train.num_steps=2").stdout
     assert output.splitlines() == [
         f"JAX_PLATFORMS=cpu python -m tokenizers_jax.train --config=configs/flowmo.py:tiny "
-        f"--workdir=/tmp/run --distributed --coordinator_address=127.0.0.1:9999 --num_processes=2 "
+        f"--workdir=/tmp/run --distributed --exit_code_on_preemption=0 "
+        f"--coordinator_address=127.0.0.1:9999 --num_processes=2 "
         f"--config.train.num_steps=2 --process_id={i}" for i in range(2)]
     misplaced = _sbatch(env, "--local=2", "--config=c", "--workdir=w", "--", "--dry-run", check=False)
     assert misplaced.returncode == 2 and "put it before --" in misplaced.stderr
@@ -427,12 +429,12 @@ def _wait_for(path, text, process, deadline_seconds=600):
 
 
 def test_local_mode_two_processes_train_together_and_stop_on_sigterm(tmp_path):
-    """Two processes of the toy task (tests/toy_train_config.py) through the script's local mode;
+    """Two processes of the toy task (tests/toy_config_file.py) through the script's local mode;
     SIGTERM to the script reaches both, which stop at one step boundary and save there."""
     workdir, log = tmp_path / "run", tmp_path / "output"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            ["bash", SLURM, "--local=2", "--config=tests/toy_train_config.py", f"--workdir={workdir}",
+            ["bash", SLURM, "--local=2", "--config=tests/toy_config_file.py", f"--workdir={workdir}",
              "--", "--config.train.num_steps=100000", "--config.checkpoint.every=100000",
              "--config.eval.every=0"], cwd=ROOT, env=_local_env(), stdout=out,
             stderr=subprocess.STDOUT)
@@ -445,8 +447,8 @@ def test_local_mode_two_processes_train_together_and_stop_on_sigterm(tmp_path):
             process.kill()
     output = log.read_text()
     assert "started 2 processes" in output and "forwarding SIGTERM" in output
-    stops = {line.split("preempted at step ")[1].split(":")[0] for line in output.splitlines()
-             if "preempted at step " in line}
+    stops = {line.split("stopped by SIGTERM at step ")[1].split()[0]
+             for line in output.splitlines() if "stopped by SIGTERM at step " in line}
     assert len(stops) == 1, stops  # both processes stopped at the same step
     (step,) = stops
     assert f"training stopped at checkpoint step {step} of 100000" in output

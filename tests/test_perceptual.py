@@ -215,13 +215,18 @@ def test_default_weights_dir(monkeypatch):
     assert common.default_weights_dir("resnet50") == "/weights/resnet50"
 
 
-def test_random_init_warns_loudly(tmp_path, caplog):
+def test_random_init_warns_loudly_and_has_non_negative_lpips_heads(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         params = lpips.load_lpips_params(tmp_path / "absent", allow_random_init=True)
     assert "MEANINGLESS" in caplog.text and "RANDOMLY INITIALISED" in caplog.text
     assert "python -m tokenizers_jax.convert lpips" in caplog.text
     shapes = jax.tree.map(np.shape, params)
     assert shapes["vgg"]["features_28"]["kernel"] == (3, 3, 512, 512)
+    # The distance sums head-weighted squared differences: heads >= 0, like the trained ones,
+    # keep random-init LPIPS >= 0 (arbitrary-sign heads gave negative distances).
+    for k in range(5):
+        kernel = np.asarray(params[f"lin{k}"]["kernel"])
+        assert (kernel >= 0).all() and kernel.std() > 0, k
 
 
 def test_load_converted_model_dir(torch_resnet, tmp_path):

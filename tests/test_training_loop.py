@@ -1,14 +1,22 @@
-"""The generic loop on a toy task: checkpoints, exact resume, NaN stop, accumulation, errors."""
+"""The generic loop on a toy task: checkpoints, exact resume, NaN stop, accumulation, errors,
+workdir identity, save failures, Ctrl-C."""
 
+import errno
 import json
 import os
+import shutil
+import signal
+import time
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
+from conftest import small_flowmo_config
 from tokenizers_jax.training import checkpoint, loop
+from tokenizers_jax.training import workdir as workdir_lib
 from training_toy import toy_config
 
 
@@ -50,11 +58,15 @@ def test_incomplete_checkpoint_is_never_restored(tmp_path):
     assert summary["step"] == 4
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     workdir = str(tmp_path)
     loop.train_and_evaluate(toy_config(num_steps=3), workdir)
+    from training_toy import ToyTask
+
+    healthy_loss = ToyTask.loss
+    monkeypatch.setattr(ToyTask, "loss", lambda self, *args: jax.tree.map(
+        lambda x: x * np.nan, healthy_loss(self, *args)))
     config = toy_config(num_steps=6)
-    config.toy_nan = True
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* step 4.*step 3\) is intact"):
         loop.train_and_evaluate(config, workdir)
     assert checkpoint.latest_step(workdir) == 3
@@ -137,3 +149,132 @@ def test_encoder_freeze_survives_a_restart(tmp_path):
     np.testing.assert_array_equal(at_6["encoder"]["kernel"], at_3["encoder"]["kernel"])
     assert not np.allclose(at_6["decoder"]["double_blocks_0"]["bias"],
                            at_3["decoder"]["double_blocks_0"]["bias"])
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_refuses_a_changed_config_and_replayed_steps_are_logged_once(tmp_path):
+    workdir = str(tmp_path)
+    loop.train_and_evaluate(toy_config(num_steps=5), workdir)  # checkpoints at 3 and 5
+    # Killed before the step-5 checkpoint was complete: a restart replays steps 4 and 5.
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "5"))
+    stored = {name: open(os.path.join(workdir, name)).read()
+              for name in ("config.json", "metrics.jsonl")}
+
+    changed = toy_config(num_steps=6)
+    changed.data.image_size = 16  # the model's input: the checkpoint would not fit
+    changed.sampler.schedule = "linear"  # not a shape, but how the workdir's model decodes
+    with pytest.raises(workdir_lib.WorkdirMismatchError) as error:
+        loop.train_and_evaluate(changed, workdir)
+    assert str(error.value).splitlines()[0] == (
+        f"{workdir} holds a run made with a different config: data.image_size 8 -> 16, "
+        "sampler.schedule 'pow_0.25' -> 'linear'.")
+    assert "--config.init_from=" in str(error.value) and "train.num_steps" in str(error.value)
+    for name, text in stored.items():  # nothing was written
+        assert open(os.path.join(workdir, name)).read() == text, name
+    assert checkpoint.latest_step(workdir) == 3
+
+    resumed = toy_config(num_steps=6)  # longer, logged and evaluated differently: allowed
+    resumed.logging.every = 2
+    resumed.eval.every = 2
+    summary = loop.train_and_evaluate(resumed, workdir)
+    assert summary["step"] == 6
+    assert checkpoint.load_config(workdir).train.num_steps == 6
+    keys = [(row["step"], key) for row in _rows(workdir) for key in row if key != "step"]
+    assert len(keys) == len(set(keys)), sorted(keys)
+    assert sorted(s for s, key in keys if key == "train/loss") == [1, 2, 3, 4, 6]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(model_name="vqgan"), "no training task for model 'vqgan'"),
+    (dict(batch_size=7, grad_accum_steps=2), "does not divide over 2 gradient-accumulation"),
+    (dict(model_name="flowmo", schedule="cosine"), "unknown sampler schedule 'cosine'"),
+])
+def test_an_invalid_run_creates_nothing(tmp_path, change, message):
+    config = toy_config(**{k: v for k, v in change.items() if k in ("batch_size",
+                                                                    "grad_accum_steps")})
+    if "model_name" in change:
+        config.model.name = change["model_name"]
+    if "schedule" in change:
+        config = small_flowmo_config()
+        config.sampler.schedule = change["schedule"]
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
+
+
+def test_config_json_is_replaced_atomically(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    workdir_lib.save_config(workdir, toy_config(num_steps=3))
+    before = open(os.path.join(workdir, "config.json")).read()
+
+    def crash(*args):
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(workdir_lib.os, "replace", crash)
+    with pytest.raises(OSError, match="killed mid-write"):
+        workdir_lib.save_config(workdir, toy_config(num_steps=9))
+    assert open(os.path.join(workdir, "config.json")).read() == before
+    assert os.listdir(workdir) == ["config.json"]
+
+
+def _no_temporary_dirs(workdir):
+    return not [name for name in os.listdir(os.path.join(workdir, "checkpoints"))
+                if "orbax-checkpoint-tmp" in name]
+
+
+def test_a_failed_async_save_stops_the_run_at_once_and_keeps_the_last_checkpoint(
+        tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    write_text = epath.Path.write_text
+
+    def disk_full_at_step_40(path, *args, **kwargs):
+        if "/40.orbax-checkpoint-tmp" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(epath.Path, "write_text", disk_full_at_step_40)
+    config = toy_config(num_steps=400)
+    config.checkpoint.update(every=20, async_save=True)
+    config.eval.every = 0
+    with pytest.raises(checkpoint.CheckpointSaveError) as error:
+        loop.train_and_evaluate(config, workdir)
+    message = str(error.value)
+    assert message.startswith(f"saving the checkpoint of step 40 in {workdir}/checkpoints "
+                              "failed: [Errno 28] No space left on device")
+    assert "the last complete checkpoint (step 20) is intact" in message
+    assert max(row["step"] for row in _rows(workdir)) < 60  # before the next save, not at it
+    assert checkpoint.latest_step(workdir) == 20 and _no_temporary_dirs(workdir)
+    checkpoint.load_for_inference(workdir)
+
+
+def test_a_save_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(checkpoint.CheckpointSaveError,
+                       match=r"step 3 .* not enough free disk space: the checkpoint needs about "
+                             r"[\d.]+ KiB, 1000 B are free\. Training stopped; there is no "
+                             "complete checkpoint yet"):
+        loop.train_and_evaluate(toy_config(num_steps=6), workdir)
+    assert checkpoint.latest_step(workdir) is None and _no_temporary_dirs(workdir)
+
+
+def test_first_ctrl_c_asks_for_a_checkpoint_and_the_second_aborts():
+    previous = signal.getsignal(signal.SIGINT)
+    watcher = checkpoint.PreemptionWatcher()
+    try:
+        assert not watcher.reached(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert watcher.reached(2) and watcher.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        watcher.close()
+    assert signal.getsignal(signal.SIGINT) is previous

@@ -73,6 +73,8 @@ def prepare_images(images: Any, multiple_of: int) -> jax.Array:
         elif len(shape) == 4 and shape[1] == 3:
             hint = " This looks channels-first: transpose with images.transpose(0, 2, 3, 1)."
         raise ValueError(f"expected RGB images shaped [B, H, W, 3], got shape {shape}.{hint}")
+    if shape[0] == 0:
+        raise ValueError(f"empty batch: images has shape {shape}; pass at least one image.")
     height, width = shape[1:3]
     if height % multiple_of or width % multiple_of:
         raise ValueError(
@@ -96,6 +98,28 @@ def prepare_images(images: Any, multiple_of: int) -> jax.Array:
             " Images in [0, 1] map with 2 * x - 1."
         )
     return jnp.clip(images, -1.0, 1.0)
+
+
+def check_indices(indices: Any, vocabulary_size: int) -> np.ndarray:
+    """Validates user token indices: integers [B, L], B >= 1, values in [0, vocabulary_size).
+
+    Returns:
+      int32 numpy [B, L].
+    Raises:
+      ValueError / TypeError naming the problem.
+    """
+    indices = np.asarray(indices)
+    if indices.ndim != 2:
+        raise ValueError(f"expected indices shaped [B, L], got shape {indices.shape}")
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise TypeError(f"indices must be integers, got {indices.dtype}")
+    if indices.shape[0] == 0:
+        raise ValueError(f"empty batch: indices has shape {indices.shape}; pass at least one row")
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= vocabulary_size:
+        raise ValueError(f"indices must lie in [0, {vocabulary_size}) (the codebook size), got "
+                         f"values in [{low}, {high}]")
+    return indices.astype(np.int32)
 
 
 def to_uint8(images: Any) -> np.ndarray:

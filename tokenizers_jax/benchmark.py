@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from tokenizers_jax import exported, flow, timing
+from tokenizers_jax import cli, exported, flow, timing
 from tokenizers_jax.models import flowmo
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
@@ -32,6 +32,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per call (default
                                    "config's benchmark section).")
 _ITERATIONS = flags.DEFINE_integer("iterations", None, "Timed calls after one warm-up call "
                                    "(default: 3, or the config's benchmark section).")
+
+flags.adopt_module_key_flags(cli)
 
 BENCHMARKS = ("flowmo", "detailflow", "train")
 
@@ -105,4 +107,4 @@ def main(argv: list[str]):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,9 +1,6 @@
-"""Start-up shared by the command-line entry points: multi-process flags and log hygiene."""
+"""Multi-process start-up shared by the command-line entry points (flags + initialize)."""
 
 from __future__ import annotations
-
-import logging as python_logging
-import os
 
 import jax
 from absl import flags, logging
@@ -24,16 +21,9 @@ def initialize_from_flags():
                  jax.process_count(), jax.device_count(), jax.local_device_count())
 
 
-# Libraries whose INFO records (a dozen lines per checkpoint save) would bury our progress lines.
-_QUIET_LIBRARIES = tuple(os.sep + name + os.sep for name in ("orbax", "grain", "jax"))
-
-
-class _LibraryInfoFilter(python_logging.Filter):
-    def filter(self, record: python_logging.LogRecord) -> bool:
-        noisy = any(part in record.pathname for part in _QUIET_LIBRARIES)
-        return record.levelno >= python_logging.WARNING or not noisy
-
-
 def quiet_library_info_logs():
-    """Drops INFO logs of orbax, grain and jax from the console (their warnings still show)."""
-    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    """Drops library INFO logs from the console; see `tokenizers_jax.cli` (which entry points
+    going through `cli.run` get without calling this)."""
+    from tokenizers_jax import cli  # pylint: disable=import-outside-toplevel
+
+    cli.install_console_filter()

@@ -9,6 +9,7 @@ DIR is a model directory (`python -m tokenizers_jax.convert ...`) or a training 
 latest EMA params, or --step). The model section comes from the checkpoint; the evaluation
 set, sampler and eval settings from --config. Results go to OUT (default DIR/eval); see
 `tokenizers_jax.evaluation`. On several processes add --distributed (or the explicit flags).
+Errors and exit statuses follow `tokenizers_jax.cli`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from tokenizers_jax import distributed, evaluation
+from tokenizers_jax import cli, distributed, evaluation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<model>.py[:variant]",
                                           lock_config=True)
@@ -32,6 +33,7 @@ _MAX_CHECKPOINTS = flags.DEFINE_integer(
     "max_checkpoints", 0, "--continuous: stop after this many evaluations (0: when the "
     "workdir's final step, train.num_steps, has been evaluated)")
 flags.adopt_module_key_flags(distributed)
+flags.adopt_module_key_flags(cli)
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
@@ -40,7 +42,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONTINUOUS.value and _STEP.value is not None:
         raise app.UsageError("--step and --continuous exclude each other")
-    distributed.quiet_library_info_logs()
     distributed.initialize_from_flags()
     output_dir = _WORKDIR.value or os.path.join(_CHECKPOINT.value, "eval")
     if _CONTINUOUS.value:
@@ -51,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

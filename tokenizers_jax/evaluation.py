@@ -21,6 +21,11 @@ Outputs (process 0), in the output directory OUT:
   OUT/evaluated_steps.json            continuous mode: the steps already evaluated
 where <tag> is step_<step> for a training workdir and "model" for a model directory (step 0).
 
+With random-init metric networks (eval.allow_random_init_networks, smoke tests only) every
+output says so: the JSON has random_init_networks=true and a note, the metrics that depend on
+those networks are named rfid_RANDOM_INIT / lpips_vgg_RANDOM_INIT in metrics.jsonl and
+TensorBoard, and the grid is named reconstructions_RANDOM_INIT (file and TensorBoard tag).
+
 Batches are split over all devices (a data mesh) and processes (the data pipeline's per-process
 rows). The reconstruction noise of example i is drawn from fold_in(key(eval.seed), i), so the
 results depend neither on the device count nor on the batch size.
@@ -51,6 +56,9 @@ from tokenizers_jax.training import checkpoint, sharding
 from tokenizers_jax.training.writer import MetricWriter, image_grid
 
 COMPAT_GROUP = 5  # images per PSNR in the original evaluator
+RANDOM_INIT_MARKER = "RANDOM_INIT"
+# Metrics computed with the Inception / LPIPS networks (meaningless when those are random).
+NETWORK_METRICS = ("rfid", "lpips_vgg")
 RECORD_FILE = "evaluated_steps.json"
 NOTES = (
     "psnr and ssim are per-image means on float [0, 1] images; psnr_flowmo_batch_compat is the "
@@ -97,8 +105,31 @@ RECONSTRUCTORS: dict[str, Callable[[ml_collections.ConfigDict], Reconstructor]] 
 }
 
 
+def check_checkpoint_dir(checkpoint_dir: str):
+    """Raises FileNotFoundError unless `checkpoint_dir` is a model directory or a workdir."""
+    if exported.is_model_dir(checkpoint_dir):
+        return
+    model_dir = "a model directory (config.json and params/, from python -m tokenizers_jax.convert)"
+    workdir = "a training workdir (config.json and checkpoints/)"
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"no such directory: {checkpoint_dir}; --checkpoint must be "
+                                f"{model_dir} or {workdir}")
+    if not os.path.isfile(os.path.join(checkpoint_dir, exported.CONFIG_FILE)):
+        raise FileNotFoundError(f"{checkpoint_dir} is neither {model_dir} nor {workdir}: it has "
+                                "no config.json")
+
+
+def check_supported(config: ml_collections.ConfigDict):
+    """Raises ValueError unless the evaluation supports `config.model.name`."""
+    name = config.model.name
+    if name not in RECONSTRUCTORS:
+        raise ValueError(f"evaluation is not supported yet for {name}; supported models: "
+                         f"{', '.join(sorted(RECONSTRUCTORS))}")
+
+
 def checkpoint_config(checkpoint_dir: str) -> ml_collections.ConfigDict:
     """The config stored with a model directory or a training workdir."""
+    check_checkpoint_dir(checkpoint_dir)
     if exported.is_model_dir(checkpoint_dir):
         return exported.load_config(checkpoint_dir)
     return checkpoint.load_config(checkpoint_dir)
@@ -201,6 +232,7 @@ class Evaluator:
     """Compiles once per model config and evaluates checkpoints on `config.data`'s eval set."""
 
     def __init__(self, config: ml_collections.ConfigDict):
+        check_supported(config)
         self.config = config
         ev = config.eval
         random_init = bool(ev.allow_random_init_networks)
@@ -229,9 +261,7 @@ class Evaluator:
     def _step_for(self, config: ml_collections.ConfigDict) -> tuple[Reconstructor, Callable]:
         key = exported.config_to_json(config.model)
         if key not in self._compiled:
-            if config.model.name not in RECONSTRUCTORS:
-                raise ValueError(f"no evaluation for model {config.model.name!r}; "
-                                 f"known: {sorted(RECONSTRUCTORS)}")
+            check_supported(config)
             reconstructor = RECONSTRUCTORS[config.model.name](config)
             step = make_eval_step(reconstructor, config.eval.seed)
             batch = sharding.batch_sharding(self.mesh)
@@ -299,6 +329,11 @@ class Evaluator:
         usage = metrics.codebook_usage_from_counts(totals.code_counts)
         size = config.data.image_size
         compat = totals.compat_sum / totals.compat_groups if totals.compat_groups else None
+        notes = list(NOTES)
+        if self.random_init:
+            notes.insert(0, "RANDOM-INIT Inception and LPIPS networks "
+                         "(eval.allow_random_init_networks=True): rfid and lpips_vgg are "
+                         "meaningless; for tests and smoke runs only.")
         return dict(
             checkpoint=checkpoint_dir,
             step=step,
@@ -323,7 +358,7 @@ class Evaluator:
             processes=jax.process_count(),
             seconds=seconds,
             images_per_second=totals.count / seconds,
-            notes=list(NOTES),
+            notes=notes,
         )
 
     def _write(self, output_dir: str, result: dict, grid: np.ndarray | None, step: int):
@@ -333,11 +368,14 @@ class Evaluator:
         _write_atomically(os.path.join(output_dir, f"metrics_{tag}.json"), text)
         print(text, flush=True)
         writer = MetricWriter(output_dir, total_steps=step)
-        scalars = {f"eval/{name}": value for name, value in result.items()
+        marked = lambda name: (f"{name}_{RANDOM_INIT_MARKER}" if self.random_init
+                               else name)
+        scalars = {f"eval/{marked(name) if name in NETWORK_METRICS else name}": value
+                   for name, value in result.items()
                    if isinstance(value, float) and name not in ("seconds", "images_per_second")}
         writer.write_scalars(step, scalars)
         if grid is not None:
-            writer.write_image(step, "reconstructions", grid)
+            writer.write_image(step, marked("reconstructions"), grid)
         writer.close()
 
 
@@ -354,6 +392,8 @@ def evaluate(config: ml_collections.ConfigDict, checkpoint_dir: str, output_dir:
 
     Returns the results (also written to `output_dir` and printed, on process 0).
     """
+    check_supported(config)
+    check_checkpoint_dir(checkpoint_dir)  # before the minutes spent loading the networks
     return Evaluator(config).run(checkpoint_dir, output_dir, step)
 
 
@@ -397,6 +437,10 @@ def evaluate_continuously(config: ml_collections.ConfigDict, workdir: str, outpu
       The results of this call's evaluations.
     """
     workdir = os.path.abspath(workdir)
+    check_supported(config)
+    if exported.is_model_dir(workdir):
+        raise ValueError(f"{workdir} is a model directory, which has no checkpoints to watch: "
+                         "evaluate it once, without --continuous")
     evaluator = evaluator or Evaluator(config)
     done = read_record(output_dir)
     results = []

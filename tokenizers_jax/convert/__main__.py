@@ -5,7 +5,8 @@
   python -m tokenizers_jax.convert lpips|resnet50|inception|detailflow|siglip2|dino ...
 
 Each subcommand lives in its own module, which defines `add_arguments(parser)` and
-`main(args)`; modules are imported only when their subcommand runs.
+`main(args)`; modules are imported only when their subcommand runs. Errors and exit statuses
+follow `tokenizers_jax.cli` (`--verbose` anywhere shows the traceback).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from tokenizers_jax import cli
 
 SUBCOMMANDS = {
     "flowmo": ("tokenizers_jax.convert.flowmo", "FlowMo flowmo_lo.pth / flowmo_hi.pth"),
@@ -51,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.call(main))

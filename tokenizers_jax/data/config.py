@@ -15,7 +15,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       image_size: side of the square crops, pixels.
       transform: per-model transform, see `transforms.TRANSFORMS` ("flowmo", "adm").
       path: image_folder: directory tree of training images; tokens: the export directory.
-      eval_path: image_folder / tokens: the evaluation images / export; "" evaluates on `path`.
+      eval_path: image_folder / tokens: the evaluation images / export; "" evaluates on `path`
+        (image_folder: on a part of it held out from training, see `holdout_every`).
+      holdout_every: image_folder without eval_path: every N-th image of `path` (sorted by
+        relative path) is held out for evaluation and never trained on (default 100: 1%);
+        0 trains and evaluates on all of `path` (with a warning).
       data_dir: imagenet2012: TFDS data directory; "" for $TFDS_DATA_DIR or ~/tensorflow_datasets.
       train_split / eval_split: imagenet2012: TFDS splits, slicing allowed ("validation[:10%]").
       num_eval_examples: evaluate on the first N examples of the eval set; 0 for all.
@@ -34,6 +38,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             transform="flowmo",
             path="",
             eval_path="",
+            holdout_every=100,
             data_dir="",
             train_split="train",
             eval_split="validation",

@@ -10,6 +10,10 @@ Labels (for class-conditional models on exported tokens), ImageNet-folder style:
 class is the first directory of its path below the root (`root/<class>/.../image.jpg`);
 images directly in the root form the class ".". `label_names` are the classes sorted, and an
 image's label is its class's position in that list.
+
+A folder can be split into a training part and a held-out part for evaluation
+(`holdout_every=N`): every N-th readable image in sorted order is held out, so the split is
+deterministic and spread over the whole tree. Both parts keep the labels of the whole folder.
 """
 
 from __future__ import annotations
@@ -66,17 +70,26 @@ def _class_name(relative_path: str) -> str:
 class ImageFolderSource:
     """Random access to the images under `root`: item i is uint8 [H, W, 3] RGB.
 
+    Args:
+      root: the directory.
+      scan_threads: threads reading file headers while scanning.
+      holdout_every: N > 0 holds out every N-th readable image (sorted order, from the first).
+      part: "all" images, the "train" part (without the held-out ones), or the "holdout" part.
     Attributes:
       root: the directory.
-      paths: the readable image files, sorted.
-      labels: the label of each path; label_names: the classes, sorted.
+      paths: the readable image files of the part, sorted.
+      labels: the label of each path; label_names: the classes (of the whole folder), sorted.
       skipped: files skipped as unreadable (at scan time, plus any found corrupt when read
         in this process).
     """
 
-    def __init__(self, root: str, scan_threads: int = 16):
+    def __init__(self, root: str, scan_threads: int = 16, holdout_every: int = 0,
+                 part: str = "all"):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory")
+        if part not in ("all", "train", "holdout") or (part != "all" and holdout_every <= 0):
+            raise ValueError(f"part must be 'all', or 'train' / 'holdout' with holdout_every > 0; "
+                             f"got part={part!r}, holdout_every={holdout_every}")
         self.root = root
         files = _list_files(root)
         with concurrent.futures.ThreadPoolExecutor(scan_threads) as pool:
@@ -94,6 +107,16 @@ class ImageFolderSource:
                 f"image folder {root!r} contains no JPEG, PNG or WebP images "
                 f"({len(files)} files found, none readable)"
             )
+        if part != "all":
+            total = len(self.paths)
+            keep = [(i % holdout_every == 0) == (part == "holdout") for i in range(total)]
+            self.paths = [p for p, k in zip(self.paths, keep) if k]
+            self.labels = [label for label, k in zip(self.labels, keep) if k]
+            if not self.paths:
+                raise ValueError(
+                    f"image folder {root!r} has {total} image(s): holding out every "
+                    f"{holdout_every}-th (data.holdout_every) leaves none to train on; add "
+                    "images, set data.eval_path to a separate folder, or data.holdout_every=0")
 
     def _report_skipped(self, paths: list[str]) -> None:
         if not paths:

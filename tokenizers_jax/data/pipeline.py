@@ -34,6 +34,7 @@ drawn at random per access instead of the image transform: batches are
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Iterator
 
 import grain
@@ -48,6 +49,7 @@ from tokenizers_jax.data.tfds_source import TfdsImageSource
 from tokenizers_jax.data.transforms import get_transform
 
 Batch = dict[str, np.ndarray]
+logger = logging.getLogger(__name__)
 
 
 def _sample_photos_source(config: ml_collections.ConfigDict, split: str, seed: int):
@@ -61,11 +63,23 @@ def _sample_photos_source(config: ml_collections.ConfigDict, split: str, seed: i
 
 
 def _image_folder_source(config: ml_collections.ConfigDict, split: str, seed: int):
+    """data.path trains; data.eval_path evaluates, else a held-out part of data.path."""
     del seed
-    path = config.path if split == "train" else config.eval_path or config.path
-    if not path:
+    if not config.path:
         raise ValueError("data.name='image_folder' needs data.path (a directory of images)")
-    return ImageFolderSource(path)
+    if config.eval_path:
+        return ImageFolderSource(config.path if split == "train" else config.eval_path)
+    if config.holdout_every <= 0:
+        if split == "eval":
+            logger.warning("image_folder: evaluating on the training images of %s "
+                           "(data.eval_path is unset and data.holdout_every=0)", config.path)
+        return ImageFolderSource(config.path)
+    source = ImageFolderSource(config.path, holdout_every=config.holdout_every,
+                               part="train" if split == "train" else "holdout")
+    if split == "eval":
+        logger.info("image_folder: evaluating on %d images of %s held out from training (every "
+                    "%d-th, data.holdout_every)", len(source), config.path, config.holdout_every)
+    return source
 
 
 def _imagenet_source(config: ml_collections.ConfigDict, split: str, seed: int):

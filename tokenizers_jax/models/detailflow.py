@@ -463,8 +463,7 @@ class DetailFlowTokenizer(api.Tokenizer):
         length = indices.shape[1]
         if not 1 <= length <= self.num_tokens:
             raise ValueError(f"expected 1..{self.num_tokens} tokens per image, got {length}")
-        if indices.min() < 0 or indices.max() >= self.config.model.codebook_size:
-            raise ValueError(f"indices must lie in [0, {self.config.model.codebook_size})")
+        indices = api.check_indices(indices, self.config.model.codebook_size)
         num_tokens = length if num_tokens is None else int(num_tokens)
         if not 1 <= num_tokens <= length:
             raise ValueError(f"num_tokens must be in [1, {length}], got {num_tokens}")

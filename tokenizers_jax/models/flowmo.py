@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from tokenizers_jax import api, flow, layers
 from tokenizers_jax.models.mmdit import MMDiT, TrunkConfig
@@ -274,9 +275,33 @@ class FlowMoTokenizer(api.Tokenizer):
         codes = lfq.indices_to_codes(indices, c.codebook_size_for_entropy, c.code_length)
         return sample(self.model, params, codes, noise, ml_collections.ConfigDict(dict(sampler)))
 
-    def encode(self, images: Any) -> jax.Array:
-        """uint8 or [-1, 1] float images [B, H, W, 3] -> int32 indices [B, tokens_per_image]."""
-        return self._encode(self.params, api.prepare_images(images, self.model.config.patch_size))
+    def encode(self, images: Any, *, image_size: int | None = None) -> jax.Array:
+        """uint8 or [-1, 1] float images [B, S, S, 3] -> int32 indices [B, tokens_per_image].
+
+        Args:
+          image_size: S, the side the images must have (default: the config's image_size, the
+            size the model was trained at). Pass another S to encode, and then decode with the
+            same `image_size=`, at a size the model was not trained at.
+        """
+        c = self.model.config
+        images = api.prepare_images(images, c.patch_size)
+        size = image_size or c.image_size
+        if images.shape[1:3] != (size, size):
+            raise ValueError(
+                f"this FlowMo encodes {size}x{size} images, got {images.shape[1]}x"
+                f"{images.shape[2]}; resize or center-crop them to {size}x{size}, or pass "
+                f"image_size={images.shape[1]} to encode (and decode) at another square size.")
+        return self._encode(self.params, images)
+
+    def reconstruct(self, images: Any, *, image_size: int | None = None, **kwargs) -> jax.Array:
+        """encode then decode at the same size: [B, S, S, 3] -> float32 [B, S, S, 3] in [-1, 1].
+
+        Args:
+          image_size: as in `encode` (default: the config's image_size).
+          kwargs: `decode`'s seed, noise, steps, cfg.
+        """
+        indices = self.encode(images, image_size=image_size)
+        return self.decode(indices, image_size=image_size, **kwargs)
 
     def decode(self, indices: Any, *, seed: int = 0, noise: jax.Array | None = None,
                image_size: int | None = None, steps: int | None = None,
@@ -290,12 +315,11 @@ class FlowMoTokenizer(api.Tokenizer):
           steps / cfg: override the config's sampler.
         """
         c = self.model.config
-        indices = jnp.asarray(indices)
         expected = c.tokens_per_image
-        if indices.ndim != 2 or indices.shape[1] != expected:
-            raise ValueError(f"expected indices shaped [B, {expected}], got {indices.shape}")
-        if not jnp.issubdtype(indices.dtype, jnp.integer):
-            raise TypeError(f"indices must be integers, got {indices.dtype}")
+        shape = np.shape(indices)
+        if len(shape) != 2 or shape[1] != expected:
+            raise ValueError(f"expected indices shaped [B, {expected}], got {shape}")
+        indices = api.check_indices(indices, 2**c.codebook_size_for_entropy)
         size = image_size or c.image_size
         if size % c.patch_size:
             raise ValueError(f"image_size {size} is not divisible by the patch size {c.patch_size}")
@@ -311,4 +335,4 @@ class FlowMoTokenizer(api.Tokenizer):
         if cfg is not None:
             sampler["cfg"] = cfg
         frozen = tuple(sorted(sampler.items()))
-        return self._decode(self.params, indices.astype(jnp.int32), noise, frozen)
+        return self._decode(self.params, jnp.asarray(indices), noise, frozen)

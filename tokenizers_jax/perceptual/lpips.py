@@ -69,9 +69,16 @@ def how_to_get(directory: str) -> str:
 
 
 def init_lpips_params(key: jax.Array) -> Any:
-    """Random LPIPS params (on a 32x32 dummy input)."""
+    """Random LPIPS params (on a 32x32 dummy input).
+
+    The linear heads are made non-negative, as the trained ones are (LPIPS training clamps them at 0),
+    so that random-init distances are non-negative too.
+    """
     dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)
-    return LPIPS().init(key, dummy, dummy)["params"]
+    params = dict(LPIPS().init(key, dummy, dummy)["params"])
+    for k in range(len(LAYER_NAMES)):
+        params[f"lin{k}"] = jax.tree.map(jnp.abs, params[f"lin{k}"])
+    return params
 
 
 def load_lpips_params(path: str | os.PathLike | None = None, allow_random_init: bool = False):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from tokenizers_jax import metrics
+from tokenizers_jax import flow, metrics
 from tokenizers_jax.models import flowmo
 from tokenizers_jax.tasks.base import Batch, Params, Task
 
@@ -40,6 +40,8 @@ class FlowMoTask(Task):
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         self.model = flowmo.build_model(config)
+        # The sampler is stored with the run (load_tokenizer decodes with it): fail fast on it.
+        flow.sampler_times(config.sampler.steps, config.sampler.schedule)
         self._perceptual = self._load_perceptual(config)
 
     @staticmethod

@@ -19,6 +19,7 @@ sub-batch (i, g) draws its randomness from fold_in(step key, i * G + g). So (n=2
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import functools
@@ -37,6 +38,7 @@ from tokenizers_jax.training import checkpoint as checkpoint_lib
 from tokenizers_jax.training import optimizer as optimizer_lib
 from tokenizers_jax.training import sharding as sharding_lib
 from tokenizers_jax.training import state as state_lib
+from tokenizers_jax.training import workdir as workdir_lib
 from tokenizers_jax.training.writer import MetricWriter, image_grid
 
 
@@ -335,27 +337,46 @@ class _Evaluator:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
+    Nothing is written until the run has been validated: an existing workdir is resumed only
+    with a compatible config (`workdir.check_resumable`), and config.json is written
+    (atomically) once the task, the mesh and the data pipelines have been built. On resume,
+    the rows of metrics.jsonl (and TensorBoard events) after the restored step are dropped, so
+    the replayed steps appear once.
+
     Returns:
       a summary: final step, last train metrics, last eval metrics, compile seconds (summed
-      over the compiled step variants), and `stopped` ("done" or "preempted").
+      over the compiled step variants), and `stopped`: "done", or "preempted" (SIGTERM /
+      SIGINT; `signal` names it) after saving.
+    Raises:
+      workdir.WorkdirMismatchError: the workdir holds a run of another config.
+      checkpoint.CheckpointSaveError: a checkpoint could not be written (the run stops).
+      FloatingPointError: a non-finite loss or gradient.
+      ValueError: an invalid config.
     """
     workdir = os.path.abspath(workdir)
-    checkpoint_lib.save_config(workdir, config)
+    workdir_lib.check_resumable(workdir, config)
     run = setup(config)
     task, mesh = run.task, run.mesh
     train_iterator, eval_batch = input_pipelines(config)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
-    writer = MetricWriter(workdir, config.train.num_steps)
-    watcher = checkpoint_lib.PreemptionWatcher()
+    workdir_lib.save_config(workdir, config)
     summary: dict[str, Any] = {"stopped": "done", "eval": {}, "train": {}}
-    try:
+    with contextlib.ExitStack() as cleanup:
+        watcher = checkpoint_lib.PreemptionWatcher()  # closed last: covers the final save
+        cleanup.callback(watcher.close)
+        checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+        cleanup.callback(checkpointer.close)
+        restored_step = checkpointer.latest_step()
         state = _initial_state(config, run, checkpointer, train_iterator)
+        total = config.train.num_steps
+        # A run from scratch rewrites every row; a resumed one those after its checkpoint.
+        writer = MetricWriter(workdir, total,
+                              restart_step=-1 if restored_step is None else restored_step)
+        cleanup.callback(writer.close)
         constants = sharding_lib.replicate(task.constants, mesh)
         evaluator = _Evaluator(task, config, mesh, run.shardings.params, constants, eval_batch,
                                writer)
         compiler = StepCompiler(run, config)
         step = int(jax.device_get(state.step))
-        total = config.train.num_steps
         if step == 0 and config.eval.every > 0:
             summary["eval"] = evaluator(state, step)
         pending = None  # (step, device metrics) not yet checked on the host
@@ -396,9 +417,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 checkpointer.save(state, train_iterator)
 
         while step < total:
+            checkpointer.check_for_errors()  # a failed async save stops the run at once
             if watcher.reached(step):
-                summary["stopped"] = "preempted"
-                logging.warning("preempted at step %d: saving and exiting", step)
+                summary.update(stopped="preempted", signal=watcher.signal_name)
+                logging.warning("%s: saving a checkpoint at step %d and stopping",
+                                watcher.signal_name, step)
                 break
             batch = sharding_lib.global_batch(next(train_iterator), mesh)
             static, host_draws = task.host_draws(step)
@@ -407,7 +430,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 train_step = compiler(static, state, constants, batch, draws)
                 seconds = compiler.compile_seconds[static]
                 summary["compile_seconds"] = sum(compiler.compile_seconds.values())
-                writer.write_scalars(step, {"perf/compile_seconds": seconds})
+                # Logged at the step it produces, after any restored one: never replayed twice.
+                writer.write_scalars(step + 1, {"perf/compile_seconds": seconds})
                 logging.info("train step compiled in %.1fs%s", seconds,
                              "" if static is None else f" (variant {static})")
                 rate_window = (time.perf_counter(), step)
@@ -424,10 +448,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 summary["eval"] = evaluator(state, step)
         save()
         pending = None
+        checkpointer.wait_until_finished()
         summary["step"] = step
         return summary
-    finally:
-        checkpointer.wait_until_finished()
-        checkpointer.close()
-        writer.close()
-        watcher.close()

@@ -3,6 +3,10 @@
   DIR/metrics.jsonl     one {"step": s, name: value, ...} object per write
   DIR/tensorboard/      tensorboardX event files (scalars and images)
   DIR/images/<name>_<step>.png
+
+A restarted training run passes `restart_step`: the rows after it are dropped from
+metrics.jsonl (rewritten atomically) and TensorBoard hides the events after it, so each
+(step, metric) appears once however often the run was restarted.
 """
 
 from __future__ import annotations
@@ -32,6 +36,28 @@ def image_grid(rows: list[np.ndarray]) -> np.ndarray:
     return np.clip(np.round((grid + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def drop_rows_after(path: str, step: int):
+    """Rewrites a metrics.jsonl without its rows of steps > `step` (atomically)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+        if row_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept == lines:
+        return
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.writelines(kept)
+    os.replace(temporary, path)
+
+
 def _format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -43,7 +69,12 @@ def _format_duration(seconds: float) -> str:
 class MetricWriter:
     """Writes metrics on process 0; every method is a no-op on the other processes."""
 
-    def __init__(self, workdir: str, total_steps: int):
+    def __init__(self, workdir: str, total_steps: int, restart_step: int | None = None):
+        """
+        Args:
+          restart_step: the step a run restarts from; rows and events after it are dropped
+            (-1 drops all). None appends to what is there.
+        """
         self.workdir = workdir
         self.total_steps = total_steps
         self.active = jax.process_index() == 0
@@ -52,8 +83,13 @@ class MetricWriter:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        path = os.path.join(workdir, "metrics.jsonl")
+        if restart_step is not None:
+            drop_rows_after(path, restart_step)
+        self._jsonl = open(path, "a")
+        purge_step = None if restart_step is None else restart_step + 1
+        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                          purge_step=purge_step)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]):
         if not self.active:
