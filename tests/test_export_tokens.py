@@ -226,11 +226,27 @@ def test_export_from_an_image_folder_labels_by_subdirectory(flowmo_dir, photos, 
         os.makedirs(os.path.dirname(tmp_path / "images" / name), exist_ok=True)
         Image.fromarray(photos[i]).save(tmp_path / "images" / name)
     config = export_config(hflip=True)
-    config.data.update(name="image_folder", path=str(tmp_path / "images"))
+    # Every image (no evaluation hold-out), so that each label appears.
+    config.data.update(name="image_folder", path=str(tmp_path / "images"), holdout_every=0)
     manifest = token_export.export_tokens(flowmo_dir, config, str(tmp_path / "tokens"))
     assert manifest["label_names"] == [".", "cat", "dog"]
     # Sorted paths: cat/b, dog/a, dog/deep/c, top.
     assert [r["label"] for r in records(str(tmp_path / "tokens"))] == [1, 2, 2, 0]
+
+
+def test_export_of_an_image_folder_train_split_leaves_out_the_held_out_images(
+        flowmo_dir, photos, tmp_path):
+    from PIL import Image
+
+    for i, name in enumerate(["dog/a.png", "cat/b.png", "dog/deep/c.png", "top.png"]):
+        os.makedirs(os.path.dirname(tmp_path / "images" / name), exist_ok=True)
+        Image.fromarray(photos[i]).save(tmp_path / "images" / name)
+    config = export_config()
+    config.data.update(name="image_folder", path=str(tmp_path / "images"), holdout_every=2)
+    manifest = token_export.export_tokens(flowmo_dir, config, str(tmp_path / "tokens"))
+    # Sorted paths: cat/b (held out), dog/a, dog/deep/c (held out), top; labels of the whole tree.
+    assert manifest["label_names"] == [".", "cat", "dog"]
+    assert [r["label"] for r in records(str(tmp_path / "tokens"))] == [2, 0]
 
 
 def test_training_reader_draws_one_view_per_access_and_resumes_exactly(detailflow_export,
