@@ -97,53 +97,29 @@ def get_config(arg: str = "lo") -> ml_collections.ConfigDict:
 
 
 def add_training(config: ml_collections.ConfigDict, arg: str):
-    """Training sections (tokenizers_jax.training): stage 1A for lo/hi, stage 1B for *_posttrain.
+    """Training sections (tokenizers_jax.training.defaults): stage 1A for lo/hi, stage 1B for
+    *_posttrain.
 
-    Fields:
-      init_from           a stage-1A workdir whose latest raw params start this run (used only
-                          when the workdir has no checkpoint of its own).
-      train.num_steps     updates to make; batch_size is global (over all devices/processes).
-      train.grad_accum_steps  micro-batches per update (accumulated in a lax.scan).
-      train.loss_groups   groups per micro-batch with their own LFQ entropy statistics (the
-                          original's per-GPU statistics: 8 GPUs).
-      train.ema_decay / ema_every  EMA blended every N updates with decay**N.
+    FlowMo's own fields:
+      train.loss_groups   8: the original's per-GPU LFQ entropy statistics (8 GPUs).
       train.fix_initial_norms  keep double_blocks kernels at their initial Frobenius norm.
       train.perceptual_weights  converted perceptual-network weights ("" = default location).
       train.perceptual_random_init  use random perceptual weights (smoke tests only).
       optim               Adam lr, b1, b2, eps (constant lr, no clipping or weight decay, as
-                          the original; all fields: training.optimizer.default_optim_config);
-                          freeze_after: freeze the encoder from this update on (-1 never, 0
-                          from the start).
-      checkpoint          every N updates; keep the last `keep` plus multiples of `keep_every`.
-      mesh                device mesh sizes (-1 = the rest) and logical-axis -> mesh-axis rules.
-      logging.every       metric/console interval; eval.every: reconstruction PSNR and grid.
-      data                see tokenizers_jax.data.default_data_config.
+                          the original); freeze_after: freeze the encoder from this update on
+                          (-1 never, 0 from the start).
     """
     # pylint: disable=import-outside-toplevel
-    from tokenizers_jax.data import default_data_config
+    from tokenizers_jax.training.defaults import add_training_sections
     from tokenizers_jax.training.optimizer import default_optim_config
 
-    config.init_from = ""
-    config.train = ml_collections.ConfigDict(
-        dict(num_steps=1_300_000, batch_size=128, grad_accum_steps=2, loss_groups=8,
-             ema_decay=0.9999, ema_every=10, fix_initial_norms=True, perceptual_weights="",
-             perceptual_random_init=False)
+    add_training_sections(
+        config,
+        train=dict(num_steps=1_300_000, batch_size=128, grad_accum_steps=2, loss_groups=8,
+                   ema_decay=0.9999, ema_every=10, fix_initial_norms=True,
+                   perceptual_weights="", perceptual_random_init=False),
+        optim=default_optim_config(lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, freeze_after=200_000),
     )
-    config.optim = default_optim_config(lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, freeze_after=200_000)
-    config.checkpoint = ml_collections.ConfigDict(
-        dict(every=5000, keep=2, keep_every=100_000, async_save=True)
-    )
-    config.mesh = ml_collections.ConfigDict(
-        dict(data=1, fsdp=-1, rules=(
-            ("embed", "fsdp"), ("mlp", None), ("heads", None), ("vocab", None), ("norm", None),
-            ("io", None)))
-    )
-    config.logging = ml_collections.ConfigDict(dict(every=100))
-    config.eval = ml_collections.ConfigDict(dict(every=5000, num_images=8, use_ema=True, seed=0))
-    # The evaluation job (python -m tokenizers_jax.evaluate): see add_evaluation.
-    add_evaluation(config.eval)
-    config.data = default_data_config()
-    config.data.image_size = config.model.image_size
 
     if arg.endswith("_posttrain"):  # stage 1B (spec 6), from --config.init_from=STAGE_1A_DIR
         config.loss.posttrain = True
@@ -165,19 +141,3 @@ def add_training(config: ml_collections.ConfigDict, arg: str):
         config.eval.update(every=250, num_images=8, batch_size=10,
                            allow_random_init_networks=True)
 
-
-def add_evaluation(eval_config: ml_collections.ConfigDict):
-    """Fields of the evaluation job (tokenizers_jax.evaluation); eval.seed seeds its noise.
-
-    Fields:
-      batch_size          global batch (a multiple of the device count; of 5 for the
-                          FlowMo batch-PSNR compatibility metric).
-      grid_size           originals / reconstructions shown in the PNG grid.
-      inception_path / lpips_path  converted FID-Inception / LPIPS-VGG model directories
-                          ("" = the default location, see tokenizers_jax.perceptual).
-      allow_random_init_networks  random Inception/LPIPS when their weights are absent: rFID
-                          and LPIPS become meaningless (smoke tests only; marked in the output).
-    The evaluated set is config.data's eval split; data.num_eval_examples subsamples it.
-    """
-    eval_config.update(dict(batch_size=40, grid_size=8, inception_path="", lpips_path="",
-                            allow_random_init_networks=False))

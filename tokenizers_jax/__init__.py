@@ -1,5 +1,8 @@
-"""tokenizers_jax: FlowMo and DetailFlow image tokenizers in JAX/Flax."""
+"""tokenizers_jax: FlowMo and DetailFlow image tokenizers, and the generators on their tokens,
+in JAX/Flax."""
 
-from tokenizers_jax.api import Tokenizer, load_tokenizer, prepare_images, to_uint8
+from tokenizers_jax.api import (Generator, Tokenizer, load_generator, load_tokenizer,
+                                prepare_images, to_uint8)
 
-__all__ = ["Tokenizer", "load_tokenizer", "prepare_images", "to_uint8"]
+__all__ = ["Generator", "Tokenizer", "load_generator", "load_tokenizer", "prepare_images",
+           "to_uint8"]

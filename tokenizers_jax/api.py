@@ -1,10 +1,16 @@
-"""The public entry point: `load_tokenizer(DIR)` and the interface every tokenizer shares.
+"""The public entry points: `load_tokenizer(DIR)`, `load_generator(DIR)` and the interfaces
+every tokenizer and every generator share.
 
     tok = tokenizers_jax.load_tokenizer("converted/flowmo_lo")
     indices = tok.encode(images)            # images: uint8 [B, H, W, 3] or float in [-1, 1]
     recon = tok.decode(indices, seed=0)     # float32 [B, H, W, 3] in [-1, 1]
     recon = tok.reconstruct(images)         # encode + decode
     tokenizers_jax.to_uint8(recon)          # for saving / viewing
+
+    gen = tokenizers_jax.load_generator("converted/detailflow16_gpt_l",
+                                        tokenizer="converted/detailflow16")
+    indices = gen.generate([207, 360], seed=0)         # class labels -> token indices
+    images = gen.generate_images([207, 360], seed=0)   # ... decoded by the tokenizer
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ from tokenizers_jax import exported
 TOKENIZERS = {
     "flowmo": "tokenizers_jax.models.flowmo:FlowMoTokenizer",
     "detailflow": "tokenizers_jax.models.detailflow:DetailFlowTokenizer",
+}
+
+# model.name -> "module:class" implementing `Generator`.
+GENERATORS = {
+    "detailflow_ar": "tokenizers_jax.models.gpt:DetailFlowGenerator",
+    "maskgit": "tokenizers_jax.models.maskgit:MaskGITGenerator",
 }
 
 
@@ -128,24 +140,135 @@ def to_uint8(images: Any) -> np.ndarray:
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def tokenizer_class(name: str) -> type[Tokenizer]:
-    if name not in TOKENIZERS:
-        raise ValueError(f"unknown model {name!r}; known models: {sorted(TOKENIZERS)}")
-    module_name, class_name = TOKENIZERS[name].split(":")
+class Generator(abc.ABC):
+    """Class labels -> token indices of a tokenizer -> images.
+
+    Randomness is per sample: sample i of a call draws from
+    `jax.random.fold_in(jax.random.PRNGKey(seed), first_index + i)` (for every step of its
+    sampler and for its decoding), so a sample does not depend on the batch it was generated
+    in, the batch size or the device count, and a long run split into chunks
+    (first_index = 0, B, 2B, ...) gives the samples of one big call.
+
+    Attributes:
+      config: the generator's config (`config.model.name` names it).
+      params: its params.
+      tokenizer: the `Tokenizer` whose indices it generates (decodes them to images).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, params: Any, tokenizer: Tokenizer):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.check_tokenizer(tokenizer)
+
+    @property
+    def num_classes(self) -> int:
+        """Class labels are 0..num_classes - 1."""
+        return int(self.config.model.num_classes)
+
+    @abc.abstractmethod
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Raises ValueError, naming the mismatch, unless the generator's tokens fit `tokenizer`
+        (model kind, codebook size, tokens per image)."""
+
+    @abc.abstractmethod
+    def generate(self, labels: Any, seed: int = 0, first_index: int = 0,
+                 **sampling) -> jax.Array:
+        """int [B] class labels -> int32 token indices [B, ...] that `decode` accepts.
+
+        `sampling` overrides the config's sampler fields (e.g. cfg, temperature).
+        """
+
+    @abc.abstractmethod
+    def decode(self, indices: Any, seed: int = 0, first_index: int = 0) -> jax.Array:
+        """Token indices from `generate` -> float32 [B, H, W, 3] images in [-1, 1]."""
+
+    def generate_images(self, labels: Any, seed: int = 0, first_index: int = 0,
+                        **sampling) -> jax.Array:
+        """`generate` then `decode`: float32 [B, H, W, 3] in [-1, 1]."""
+        indices = self.generate(labels, seed=seed, first_index=first_index, **sampling)
+        return self.decode(indices, seed=seed, first_index=first_index)
+
+    def check_labels(self, labels: Any) -> np.ndarray:
+        """Validates class labels: integers [B], B >= 1, in [0, num_classes) -> int32 numpy."""
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.shape[0] == 0:
+            raise ValueError(f"expected a non-empty list of class labels, shaped [B], got shape "
+                             f"{labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"class labels must be integers, got {labels.dtype}")
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}), got values in "
+                             f"[{low}, {high}]")
+        return labels.astype(np.int32)
+
+
+def _registered_class(registry: dict[str, str], name: str, what: str) -> type:
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; known: {sorted(registry)}")
+    module_name, class_name = registry[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def tokenizer_class(name: str) -> type[Tokenizer]:
+    return _registered_class(TOKENIZERS, name, "model")
+
+
+def generator_class(name: str) -> type[Generator]:
+    return _registered_class(GENERATORS, name, "generator")
+
+
+def load_model_dir_or_workdir(directory: str | os.PathLike
+                              ) -> tuple[ml_collections.ConfigDict, Any]:
+    """(config, params) of a model directory (written by `python -m tokenizers_jax.convert`)
+    or of a training workdir (its latest checkpoint's EMA params)."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no such directory: {directory}")
+    if exported.is_model_dir(directory):
+        return exported.load_config(directory), exported.load_params(directory)
+    from tokenizers_jax.training import checkpoint  # pylint: disable=import-outside-toplevel
+
+    return checkpoint.load_for_inference(directory)
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Loads a tokenizer from a model directory (written by `python -m tokenizers_jax.convert`)
     or a training workdir (its latest checkpoint's EMA params)."""
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no such directory: {directory}")
-    if exported.is_model_dir(directory):
-        config = exported.load_config(directory)
-        params = exported.load_params(directory)
-    else:
-        from tokenizers_jax.training import checkpoint  # pylint: disable=import-outside-toplevel
-
-        config, params = checkpoint.load_for_inference(directory)
+    config, params = load_model_dir_or_workdir(directory)
     return tokenizer_class(config.model.name)(config, params)
+
+
+def load_generator(directory: str | os.PathLike,
+                   tokenizer: str | os.PathLike | Tokenizer | None = None) -> Generator:
+    """Loads a generator from a model directory or a training workdir (EMA params).
+
+    Args:
+      tokenizer: the tokenizer its tokens decode with: a `Tokenizer`, or a model directory /
+        workdir to load. None: the tokenizer recorded in the generator's training data (the
+        manifest of the token export in `config.data.path`), if it still exists.
+    """
+    config, params = load_model_dir_or_workdir(directory)
+    cls = generator_class(config.model.name)
+    if tokenizer is None:
+        tokenizer = _recorded_tokenizer(config, os.fspath(directory))
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+    return cls(config, params, tokenizer)
+
+
+def _recorded_tokenizer(config: ml_collections.ConfigDict, directory: str) -> str:
+    """The tokenizer directory named by the manifest of the generator's token export."""
+    from tokenizers_jax.data import tokens  # pylint: disable=import-outside-toplevel
+
+    data = config.get("data")
+    path = data.get("path", "") if data is not None and data.get("name") == "tokens" else ""
+    recorded = ""
+    if path and os.path.isfile(os.path.join(path, tokens.MANIFEST_FILE)):
+        recorded = tokens.load_manifest(path)["tokenizer"]["path"]
+    if not recorded or not os.path.isdir(recorded):
+        where = f" (its training data names {recorded}, which is gone)" if recorded else ""
+        raise ValueError(f"the generator in {directory} does not say which tokenizer decodes "
+                         f"its tokens{where}; pass tokenizer=DIR (--tokenizer=DIR)")
+    return recorded
