@@ -118,3 +118,20 @@ def test_other_settings_and_bad_classes_are_refused(generator, reference_run, tm
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty and holds no settings.json"):
         generation.generate_samples(generator, str(tmp_path / "busy"), 4, [0])
+
+
+def test_settings_protect_only_existing_samples(generator, tmp_path):
+    output = str(tmp_path / "out")
+    generation.check_settings(output, {"seed": 1})
+    generation.check_settings(output, {"seed": 2})  # nothing generated yet: replaced
+    with open(os.path.join(output, "settings.json")) as f:
+        assert json.load(f) == {"seed": 2}
+    os.makedirs(os.path.join(output, "chunks"))
+    open(os.path.join(output, "chunks", "chunk_00000000_00000002.npz"), "w").close()
+    with pytest.raises(ValueError, match=r"differ in seed\)"):
+        generation.check_settings(output, {"seed": 3})
+    with pytest.raises(ValueError, match=r"unknown sampling settings \['cfgg'\] for "
+                                         r"random_tokens; its sampler has \['cfg', 'temperature'\]"):
+        generation.generate_samples(generator, str(tmp_path / "typo"), 4, [0],
+                                    sampling=dict(cfgg=1.5))
+    assert not os.path.exists(tmp_path / "typo")

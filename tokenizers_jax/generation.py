@@ -15,8 +15,9 @@ neither on the batch size nor on how a run was interrupted.
 
 Layout of the output directory OUT:
   settings.json       what is generated (generator and tokenizer configs and parameter
-                      fingerprints, num_samples, classes, seed, sampling overrides); a rerun
-                      with other settings is refused. The batch size may change.
+                      fingerprints, num_samples, classes, seed, sampling overrides); once
+                      samples exist, a rerun with other settings is refused. The batch size
+                      may change.
   chunks/chunk_<first>_<end>.npz   images uint8 [n, H, W, 3] and labels [n] of samples
                       first..end-1, written under a .tmp name and renamed when complete, so a
                       restart keeps every finished chunk and redoes only the missing samples.
@@ -95,7 +96,11 @@ def sample_settings(generator: api.Generator, num_samples: int, classes: Sequenc
 
 
 def check_settings(output_dir: str, settings: dict[str, Any]):
-    """Writes the settings of a new output directory, or refuses those of another run."""
+    """Writes the settings of a new output directory, or refuses those of another run.
+
+    Settings protect samples: a directory without any (a run that failed before its first
+    chunk) takes the new settings.
+    """
     path = os.path.join(output_dir, SETTINGS_FILE)
     if not os.path.isfile(path):
         if os.path.isdir(output_dir) and os.listdir(output_dir):
@@ -106,11 +111,27 @@ def check_settings(output_dir: str, settings: dict[str, Any]):
         return
     with open(path) as f:
         differences = json_differences(json.load(f), settings)
-    if differences:
-        raise ValueError(
-            f"{output_dir} holds samples of other settings (they differ in "
-            f"{', '.join(differences)}); resume with the same generator, tokenizer and "
-            "settings, or choose a new output directory")
+    if not differences:
+        return
+    chunk_dir = os.path.join(output_dir, CHUNK_DIR)
+    has_samples = os.path.isfile(os.path.join(output_dir, SAMPLES_FILE)) or (
+        os.path.isdir(chunk_dir) and any(map(_CHUNK_NAME.fullmatch, os.listdir(chunk_dir))))
+    if not has_samples:
+        write_json_atomically(path, settings)
+        return
+    raise ValueError(
+        f"{output_dir} holds samples of other settings (they differ in "
+        f"{', '.join(differences)}); resume with the same generator, tokenizer and settings, "
+        "or choose a new output directory")
+
+
+def check_sampling(generator: api.Generator, sampling: dict[str, Any]):
+    """Raises ValueError for overrides that are not fields of the generator's `sampler`."""
+    known = generator.config.get("sampler")
+    unknown = sorted(set(sampling) - set(known or ())) if known is not None else []
+    if unknown:
+        raise ValueError(f"unknown sampling settings {unknown} for {generator.config.model.name};"
+                         f" its sampler has {sorted(known)}")
 
 
 def _finished_chunks(chunk_dir: str, num_samples: int) -> list[tuple[int, int, str]]:
@@ -219,6 +240,7 @@ def generate_samples(generator: api.Generator, output_dir: str, num_samples: int
     labels = class_labels(num_samples, classes)
     generator.check_labels(np.asarray(classes, np.int32))
     sampling = dict(sampling or {})
+    check_sampling(generator, sampling)
     output_dir = os.path.abspath(output_dir)
     check_settings(output_dir, sample_settings(generator, num_samples, classes, seed, sampling))
     samples_path = os.path.join(output_dir, SAMPLES_FILE)
