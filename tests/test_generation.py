@@ -130,8 +130,8 @@ def test_settings_protect_only_existing_samples(generator, tmp_path):
     open(os.path.join(output, "chunks", "chunk_00000000_00000002.npz"), "w").close()
     with pytest.raises(ValueError, match=r"differ in seed\)"):
         generation.check_settings(output, {"seed": 3})
-    with pytest.raises(ValueError, match=r"unknown sampling settings \['cfgg'\] for "
-                                         r"random_tokens; its sampler has \['cfg', 'temperature'\]"):
+    with pytest.raises(ValueError, match=r"unknown sampling settings \['cfgg'\] for random_tokens; "
+                                         r"its sampler has \['cfg', 'temperature'\]"):
         generation.generate_samples(generator, str(tmp_path / "typo"), 4, [0],
                                     sampling=dict(cfgg=1.5))
     assert not os.path.exists(tmp_path / "typo")

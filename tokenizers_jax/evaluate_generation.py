@@ -1,4 +1,4 @@
-"""Generation evaluation entry point: FID, sFID, IS, precision and recall of a generator.
+r"""Generation evaluation entry point: FID, sFID, IS, precision and recall of a generator.
 
     python -m tokenizers_jax.evaluate_generation --generator DIR [--tokenizer DIR] \
         --reference VIRTUAL_imagenet256_labeled.npz --output OUT [--num-samples 50000] \

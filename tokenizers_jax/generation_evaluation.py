@@ -85,6 +85,8 @@ def default_reference_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass
 class Activations:
+    """What the metrics need of N images' Inception outputs."""
+
     pool: np.ndarray  # float32 [N, 2048]
     spatial: metrics.FeatureStats  # of the [N, 2023] spatial features
     probs: np.ndarray  # float32 [N, 1008]
@@ -145,7 +147,7 @@ class InceptionExtractor:
     def __call__(self, batches: Iterable[np.ndarray], total: int, description: str,
                  progress: bool = True) -> Activations:
         """Activations of every image of `batches` (uint8 [b, H, W, 3] each, b <= batch_size)."""
-        pool, probs, spatial = [], [], None
+        pool, probs, spatial = [], [], metrics.FeatureStats(self.spatial_dim())
         bar = tqdm(total=total, unit="img", desc=description, disable=not progress,
                    dynamic_ncols=True)
         for images in batches:
@@ -155,10 +157,8 @@ class InceptionExtractor:
             outputs = jax.device_get(self._step(self.params, jax.device_put(
                 padded, sharding.batch_sharding(self.mesh))))
             pool.append(outputs[0][:count])
-            probs.append(outputs[2][:count])
-            if spatial is None:
-                spatial = metrics.FeatureStats(outputs[1].shape[1])
             spatial.update(outputs[1][:count])
+            probs.append(outputs[2][:count])
             bar.update(count)
         bar.close()
         return Activations(np.concatenate(pool), spatial, np.concatenate(probs))
@@ -294,8 +294,7 @@ def evaluate_generation(generator: api.Generator, reference_path: str, output_di
         metric_seconds=time.perf_counter() - sampled,
         notes=_notes(reference, extractor),
     )
-    if jax.process_index() == 0:
-        _write(output_dir, result, extractor.random_init)
+    _write(output_dir, result, extractor.random_init)
     return result
 
 

@@ -1,4 +1,4 @@
-"""Class-conditional samples of a generator: a PNG grid and the ADM evaluator's .npz.
+r"""Class-conditional samples of a generator: a PNG grid and the ADM evaluator's .npz.
 
     python -m tokenizers_jax.sample --generator DIR [--tokenizer DIR] --num-samples 50000 \
         [--classes all | 207,360,388] [--cfg 1.45] [--sampling temperature=1.0 ...] \
