@@ -55,6 +55,8 @@ RELEASED_SHAPES = {
         "Mixed_7a.branch7x7x3_3.conv.weight": (192, 192, 7, 1),
         "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
         "Mixed_7c.branch_pool.bn.running_mean": (192,),
+        "fc.weight": (1008, 2048),
+        "fc.bias": (1008,),
     },
     "lpips": {
         "features.0.weight": (64, 3, 3, 3),
@@ -64,9 +66,11 @@ RELEASED_SHAPES = {
     },
 }
 # Published parameter counts (torchvision docs: resnet50 25,557,032; vgg16 138,357,544 of which
-# `features` 14,714,688; inception_v3 27,161,264 of which 3,326,696 AuxLogits and 2,049,000 fc).
-# BatchNorm running statistics are buffers and not counted.
-PUBLISHED_COUNTS = {"resnet50": 25_557_032, "inception": 21_785_568, "lpips": 14_714_688 + 1472}
+# `features` 14,714,688; inception_v3 27,161,264 of which 3,326,696 AuxLogits and 2,049,000 fc,
+# whose 1000 classes are 1008 in pytorch-fid's: 2048 * 1008 + 1008). BatchNorm running
+# statistics are buffers and not counted.
+PUBLISHED_COUNTS = {"resnet50": 25_557_032, "inception": 21_785_568 + 2048 * 1008 + 1008,
+                    "lpips": 14_714_688 + 1472}
 RULES = {
     "resnet50": convert_resnet50.resnet50_rules,
     "inception": convert_inception.inception_rules,
@@ -112,11 +116,7 @@ def test_round_trip(network):
         "inception": convert_inception.inception_params_from_torch,
     }[network]
     back = flax_to_torch(convert(state), RULES[network]())
-    dropped = {
-        k
-        for k in state
-        if k.endswith("num_batches_tracked") or (network == "inception" and k.startswith("fc."))
-    }
+    dropped = {k for k in state if k.endswith("num_batches_tracked")}
     assert set(back) == set(state) - dropped
     for key, value in back.items():
         np.testing.assert_array_equal(value, state[key], err_msg=key)

@@ -163,3 +163,71 @@ def test_bits_per_pixel():
     # FlowMo-Lo: 256 tokens x 18 bits on 256x256 images; DetailFlow: 128 tokens, 8192 codes.
     assert metrics.bits_per_pixel(256, 18, 256, 256) == pytest.approx(256 * 18 / 65536)
     assert metrics.bits_per_pixel(128, np.log2(8192), 256, 256) == pytest.approx(128 * 13 / 65536)
+
+
+# ---- Generation metrics: independent re-statements of the ADM evaluator's definitions ---------
+
+
+def random_probs(shape, seed=0, sharpness=3.0):
+    logits = sharpness * np.random.default_rng(seed).standard_normal(shape)
+    return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+
+def test_inception_score_matches_the_entropy_identity_per_split():
+    """exp(mean_i KL(p_i || m)) = exp(H(m) - mean_i H(p_i)) on each consecutive part, then the
+    mean over parts; the last part is shorter (23 = 10 + 10 + 3)."""
+    from scipy.stats import entropy
+
+    probs = random_probs((23, 7))
+    expected = []
+    for part in (probs[:10], probs[10:20], probs[20:]):
+        expected.append(np.exp(entropy(part.mean(axis=0)) - np.mean(entropy(part, axis=1))))
+    np.testing.assert_allclose(metrics.inception_score(probs, split_size=10), np.mean(expected),
+                               rtol=1e-10)
+    whole = np.exp(entropy(probs.mean(axis=0)) - np.mean(entropy(probs, axis=1)))
+    np.testing.assert_allclose(metrics.inception_score(probs, split_size=5000), whole, rtol=1e-10)
+
+
+def test_inception_score_extremes_and_the_order_of_samples():
+    confident = np.eye(5)[np.arange(20) % 5]  # each class equally often, certain predictions
+    assert metrics.inception_score(confident, split_size=10) == pytest.approx(5.0)
+    assert metrics.inception_score(np.full((8, 5), 0.2)) == pytest.approx(1.0)
+    # Sorted by class, a part of 4 sees at most 2 classes: the score drops.
+    sorted_by_class = np.eye(5)[np.sort(np.arange(20) % 5)]
+    assert metrics.inception_score(sorted_by_class, split_size=4) <= 2.0 + 1e-9
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        metrics.inception_score(np.zeros((0, 5)))
+
+
+def brute_force_precision_recall(real, fake, k):
+    """The definitions in float64, on full distance matrices."""
+    from scipy.spatial.distance import cdist
+
+    real_radii = np.sort(cdist(real, real, "sqeuclidean"), axis=1)[:, k]
+    fake_radii = np.sort(cdist(fake, fake, "sqeuclidean"), axis=1)[:, k]
+    fake_to_real = cdist(fake, real, "sqeuclidean")  # [N2, N1]
+    precision = np.mean(np.any(fake_to_real <= real_radii[None], axis=1))
+    recall = np.mean(np.any(fake_to_real.T <= fake_radii[None], axis=1))
+    return real_radii, precision, recall
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_precision_recall_match_brute_force(k):
+    rng = np.random.default_rng(k)
+    real = rng.standard_normal((37, 6)).astype(np.float32)
+    fake = (0.7 * rng.standard_normal((53, 6)) + 0.4 * k).astype(np.float32)  # partly overlapping
+    radii, precision, recall = brute_force_precision_recall(real.astype(np.float64),
+                                                            fake.astype(np.float64), k)
+    # Blocks of 16 rows: neither 37 nor 53 is a multiple, so padded blocks are exercised.
+    np.testing.assert_allclose(metrics.manifold_radii(real, k, block_size=16), radii, rtol=1e-4)
+    got = metrics.precision_recall(real, fake, k, block_size=16)
+    assert 0 < precision < 1 and 0 < recall < 1
+    assert got == (pytest.approx(precision), pytest.approx(recall))
+
+
+def test_precision_recall_of_identical_and_disjoint_sets():
+    real = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    assert metrics.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert metrics.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="N > k = 3"):
+        metrics.manifold_radii(real[:3])

@@ -144,14 +144,28 @@ def torch_inception():
 
 def test_fid_inception_trunk_matches_torch(torch_inception):
     """The trunk alone on a small input already in [-1, 1]: 107x107 leaves Mixed_7b/7c a 2x2
-    map, so their pool quirks (padding excluded from the average, max pool) are visible."""
+    map, so their pool quirks (padding excluded from the average, max pool) are visible.
+    With all outputs: sFID's spatial features are Mixed_6d's first 7 channels (its branch1x1,
+    the TF graph's mixed_6/conv) in NHWC order, and the logits are fc without its bias."""
     x01 = images((2, 107, 107, 3), 8, 0.0, 1.0)
     params = inception_params_from_torch(torch_inception.state_dict())
-    ours = jax.jit(inception.FIDInceptionV3().apply)({"params": params}, 2 * x01 - 1)
+    outputs = jax.jit(inception.FIDInceptionV3(all_outputs=True).apply)({"params": params},
+                                                                         2 * x01 - 1)
+    branch1x1 = []  # torchvision's Mixed_6d.branch1x1 (conv, BN, ReLU): TF mixed_6/conv
+    hook = torch_inception.Mixed_6d.branch1x1.register_forward_hook(
+        lambda module, inputs, output: branch1x1.append(output))
     with torch.no_grad():
-        expected = torch_inception(nchw(x01), resize=False).numpy()
-    assert ours.shape == (2, inception.FEATURE_DIM)
-    assert_close(ours, expected)
+        expected = torch_inception(nchw(x01), resize=False)
+    hook.remove()
+    assert outputs.pool.shape == (2, inception.FEATURE_DIM)
+    assert_close(outputs.pool, expected.numpy())
+    spatial = branch1x1[0][:, :inception.SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(2, -1)
+    assert outputs.spatial.shape == (2, 5 * 5 * 7)  # 107 -> 5x5 after Mixed_6a
+    assert_close(outputs.spatial, spatial.numpy())
+    logits = expected @ torch_inception.fc.weight.detach().T  # no bias, as the ADM evaluator
+    assert outputs.logits.shape == (2, inception.NUM_CLASSES)
+    assert_close(outputs.logits, logits.numpy())
+    assert not np.allclose(torch_inception.fc.bias.detach().numpy(), 0)
 
 
 def test_fid_inception_features_pipeline(torch_inception):

@@ -1,7 +1,9 @@
-"""Evaluation metrics: PSNR, SSIM, FID statistics and distance, codebook usage, bits per pixel.
+"""Evaluation metrics: PSNR, SSIM, FID statistics and distance, codebook usage, bits per pixel,
+and the generation metrics of the ADM evaluator: Inception Score, precision and recall.
 
 Per-image metrics are JAX (jit-able, fp32) on NHWC images. FID statistics accumulate on the
-host in float64 numpy, like pytorch-fid.
+host in float64 numpy, like pytorch-fid. sFID is `frechet_distance` on the spatial features
+(`perceptual.inception.inception_outputs`).
 
 FlowMo's evaluator (spec flowmo.md section 8) has two quirks, reproduced by
 `batch_psnr_compat` and `uint8_truncate`; use `psnr`/`ssim` for the per-image metrics and the
@@ -10,13 +12,14 @@ compat versions only to compare with the paper's numbers.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import linalg
+from scipy import linalg, special
 
 # ---- PSNR / SSIM -------------------------------------------------------------------------------
 
@@ -163,6 +166,113 @@ def frechet_distance(
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ---- Generation: Inception Score, precision and recall (the ADM evaluator's definitions) -------
+
+
+def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
+    """The ADM evaluator's Inception Score (after improved-gan's).
+
+    The rows are cut into consecutive parts of `split_size` (the last may be shorter); each
+    part scores exp(mean_i KL(p_i || mean_j p_j)) and the result is the mean over the parts
+    (ADM reports no spread). So the order of the samples matters: a part holding few classes
+    scores low, which is why class-balanced samples cycle through the classes.
+
+    Args:
+      probs: [N, C] class probabilities (softmax of `InceptionOutputs.logits`).
+      split_size: rows per part (ADM: 5000).
+    Returns:
+      The score, in [1, C].
+    """
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2 or probs.shape[0] == 0:
+        raise ValueError(f"expected class probabilities [N, C] with N >= 1, got {probs.shape}")
+    if split_size < 1:
+        raise ValueError(f"split_size must be positive, got {split_size}")
+    scores = []
+    for start in range(0, probs.shape[0], split_size):
+        part = probs[start:start + split_size]
+        kl = special.rel_entr(part, part.mean(axis=0, keepdims=True)).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))
+
+
+def _squared_distances(u: jax.Array, v: jax.Array) -> jax.Array:
+    """[R, D], [C, D] -> [R, C] squared Euclidean distances, |u|^2 - 2 u.v + |v|^2 clipped at
+    0 (the ADM evaluator's formula; it computes it in float16, we in float32)."""
+    cross = jnp.dot(u, v.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.maximum(jnp.sum(u * u, 1)[:, None] - 2 * cross + jnp.sum(v * v, 1)[None], 0.0)
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _kth_neighbour_distances(rows: jax.Array, features: jax.Array, k: int) -> jax.Array:
+    """[R, D] rows of `features` [N, D] -> [R], the (k + 1)-th smallest squared distance to
+    `features`: the k-th nearest neighbour, as the row itself is at distance 0."""
+    smallest = -jax.lax.top_k(-_squared_distances(rows, features), k + 1)[0]  # [R, k + 1]
+    return smallest[:, k]
+
+
+@jax.jit
+def _inside_any_ball(rows: jax.Array, centres: jax.Array, radii: jax.Array) -> jax.Array:
+    """[R, D] -> bool [R]: whether each row lies within a ball (centres [C, D], squared radii
+    [C]), boundary included."""
+    return jnp.any(_squared_distances(rows, centres) <= radii[None], axis=1)
+
+
+def _by_row_blocks(fn, rows: np.ndarray, block_size: int, *args) -> np.ndarray:
+    """fn(rows block [block_size, D], *args) -> [block_size], over `rows` [N, D] in blocks
+    (the last one zero-padded, so one compiled shape) -> [N]."""
+    rows = np.asarray(rows, np.float32)
+    block_size = min(block_size, rows.shape[0])
+    outputs = []
+    for start in range(0, rows.shape[0], block_size):
+        block = rows[start:start + block_size]
+        padded = np.zeros((block_size, rows.shape[1]), np.float32)
+        padded[:len(block)] = block
+        outputs.append(np.asarray(fn(padded, *args))[:len(block)])
+    return np.concatenate(outputs)
+
+
+def manifold_radii(features: np.ndarray, k: int = 3, block_size: int = 1000) -> np.ndarray:
+    """The ADM evaluator's manifold estimate: each feature's squared distance to its k-th
+    nearest neighbour among `features` (ManifoldEstimator.manifold_radii, nhood_sizes=(k,)).
+
+    Args:
+      features: [N, D], N > k.
+      block_size: rows per device step ([block_size, N] distances at a time).
+    Returns:
+      float32 [N] squared radii.
+    """
+    features = np.asarray(features, np.float32)
+    if features.ndim != 2 or features.shape[0] <= k:
+        raise ValueError(f"need features [N, D] with N > k = {k}, got {features.shape}")
+    on_device = jnp.asarray(features)
+    return _by_row_blocks(lambda rows: _kth_neighbour_distances(rows, on_device, k), features,
+                          block_size)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
+                     block_size: int = 1000) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) as the ADM evaluator computes
+    them with k = 3: precision is the share of `fake` features inside some ball around a
+    `real` feature with its k-NN radius; recall the share of `real` inside the `fake` balls.
+
+    Args:
+      real: [N1, D] reference features (ADM: the reference batch's pool_3 activations).
+      fake: [N2, D] sample features.
+    Returns:
+      (precision, recall).
+    """
+    real, fake = np.asarray(real, np.float32), np.asarray(fake, np.float32)
+    if real.shape[1:] != fake.shape[1:]:
+        raise ValueError(f"feature dimensions differ: {real.shape} and {fake.shape}")
+    real_radii = jnp.asarray(manifold_radii(real, k, block_size))
+    fake_radii = jnp.asarray(manifold_radii(fake, k, block_size))
+    real_on_device, fake_on_device = jnp.asarray(real), jnp.asarray(fake)
+    precision = _by_row_blocks(_inside_any_ball, fake, block_size, real_on_device, real_radii)
+    recall = _by_row_blocks(_inside_any_ball, real, block_size, fake_on_device, fake_radii)
+    return float(np.mean(precision)), float(np.mean(recall))
 
 
 # ---- Tokens ------------------------------------------------------------------------------------

@@ -225,17 +225,18 @@ class _LoadExample:
                     index=np.int64(index), **self.scheme.draws(index))
 
 
-def _differences(written: Any, wanted: Any, prefix: str = "") -> list[str]:
+def json_differences(written: Any, wanted: Any, prefix: str = "") -> list[str]:
     """Dotted names of the fields that differ between two JSON trees."""
     if isinstance(written, dict) and isinstance(wanted, dict):
         found = []
         for key in sorted(set(written) | set(wanted)):
-            found += _differences(written.get(key), wanted.get(key), f"{prefix}{key}.")
+            found += json_differences(written.get(key), wanted.get(key), f"{prefix}{key}.")
         return found
     return [] if written == wanted else [prefix.rstrip(".")]
 
 
-def _write_json_atomically(path: str, value: Any):
+def write_json_atomically(path: str, value: Any):
+    """Writes `value` as JSON under a .tmp name, then renames it over `path`."""
     temporary = f"{path}.tmp"
     with open(temporary, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True)
@@ -303,13 +304,13 @@ class _Export:
                         f"{self.output_dir} is not empty and holds no token export plan; "
                         "choose a new --output directory")
                 os.makedirs(self.output_dir, exist_ok=True)
-                _write_json_atomically(path, plan)
+                write_json_atomically(path, plan)
         _barrier("token export plan")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no token export plan in {self.output_dir}: process 0 "
                                     "writes it; start process 0 with the same --output")
         with open(path) as f:
-            differences = _differences(json.load(f), plan)
+            differences = json_differences(json.load(f), plan)
         if differences:
             raise ValueError(
                 f"{self.output_dir} holds a token export with other settings (they differ in "
@@ -425,7 +426,7 @@ class _Export:
             record_format=("msgpack map per record: index, label, tokens (bytes, C order), "
                            "dtype, shape [V, *token_shape], and the scheme's draws "
                            "(see tokenizers_jax.data.tokens)"))
-        _write_json_atomically(os.path.join(self.output_dir, tokens.MANIFEST_FILE), manifest)
+        write_json_atomically(os.path.join(self.output_dir, tokens.MANIFEST_FILE), manifest)
         return manifest
 
 

@@ -3,7 +3,8 @@
   python -m tokenizers_jax.convert inception --checkpoint pt_inception-2015-12-05-6726825d.pth \
       --output ~/.cache/tokenizers_jax/inception_fid
 
-The 1008-way `fc` classifier is dropped: FID uses the 2048-d pool features.
+Every tensor is kept, the 1008-way `fc` classifier included (the Inception Score uses its
+weight; see `perceptual.inception`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def inception_params_from_torch(state_dict: StateDict) -> dict:
         state_dict,
         inception_rules(),
         abstract_params(inception.init_inception_params),
-        ignore=lambda key: key.startswith("fc.") or is_batch_norm_counter(key),
+        ignore=is_batch_norm_counter,
         what="FID Inception checkpoint",
     )
 

@@ -1,4 +1,4 @@
-"""The FID InceptionV3 of pytorch-fid (`pt_inception-2015-12-05` weights), to its 2048-d pool.
+"""The FID InceptionV3 of pytorch-fid (`pt_inception-2015-12-05` weights).
 
 It differs from torchvision's Inception v3 in the FID blocks: the average pools of
 Mixed_5b..5d (A), 6b..6e (C) and 7b (E) exclude the zero padding from the count, and the
@@ -6,12 +6,32 @@ pool branch of the last block, Mixed_7c, is a 3x3 max pool instead.
 
     params = load_inception_params()
     features = inception_features(params, images01)   # [B, H, W, 3] in [0, 1] -> [B, 2048]
+    outputs = inception_outputs(params, images01)     # pool, spatial and logits (below)
+
+The weights are those of TensorFlow's 2015 Inception graph (`classify_image_graph_def.pb`),
+which the ADM evaluator (and DetailFlow's gFID) runs; pytorch-fid ported them. The activations
+the ADM evaluator reads correspond to ours as follows:
+  pool_3:0                    -> `pool`: the 2048-d average pool after Mixed_7c.
+  mixed_6/conv:0, [..., :7]   -> `spatial`: the TF graph names its blocks mixed, mixed_1, ...,
+                                 mixed_10, so mixed_6 is Mixed_6d (mixed_3 is 6a); its `conv`
+                                 is the 1x1 branch after BatchNorm and ReLU, torchvision's
+                                 Mixed_6d.branch1x1, the first 192 channels of Mixed_6d's
+                                 output. sFID uses its first 7 channels at 17x17 (for a 299
+                                 input), flattened in (row, column, channel) order: 2023-d.
+  softmax/logits/MatMul       -> `logits`: pool @ fc.weight.T WITHOUT fc.bias. The ADM
+                                 evaluator (like improved-gan's Inception Score) takes the
+                                 MatMul's weight and applies softmax to pool_3 @ W, so the
+                                 bias is never added. 1008 classes.
+The networks still differ before the trunk: pytorch-fid resizes to 299 with half-pixel
+bilinear interpolation and scales [0, 1] -> [-1, 1] (2x - 1); the TF graph resizes with its
+ResizeBilinear op and scales by (x - 128) / 128 from [0, 255]. So our numbers are close to the
+ADM evaluator's but not identical.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -27,6 +47,8 @@ CHECKPOINT_URL = (
 )
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
+NUM_CLASSES = 1008  # the TF graph's classifier (1000 ImageNet classes and 8 unused)
+SPATIAL_CHANNELS = 7  # of mixed_6/conv, as the ADM evaluator's sFID
 
 
 class BasicConv2d(nn.Module):
@@ -142,14 +164,37 @@ class FIDInceptionE(nn.Module):
         return jnp.concatenate([branch1x1, branch3x3, dbl, branch_pool], axis=-1)
 
 
-class FIDInceptionV3(nn.Module):
-    """pytorch-fid InceptionV3 blocks 0-3; submodule names are torchvision's.
+class InceptionOutputs(NamedTuple):
+    """The activations the generation metrics use (see the module docstring)."""
 
-    Input: [B, H, W, 3] in [-1, 1], H, W >= 75 (299 for FID). Returns pool features [B, 2048].
-    """
+    pool: jax.Array  # [B, 2048] (FID, precision / recall)
+    spatial: jax.Array  # [B, h * w * 7], Mixed_6d's first 7 channels (sFID); h = w = 17 at 299
+    logits: jax.Array  # [B, 1008] without the fc bias (Inception Score)
+
+
+class UnbiasedClassifier(nn.Module):
+    """pytorch-fid's `fc` (Linear 2048 -> 1008); returns x @ kernel without the bias, as the
+    ADM evaluator and improved-gan compute the Inception Score. The bias is a parameter only
+    so the checkpoint converts whole."""
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, 2048] -> [B, 1008]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], NUM_CLASSES))
+        self.param("bias", nn.initializers.zeros, (NUM_CLASSES,))
+        return x @ kernel
+
+
+class FIDInceptionV3(nn.Module):
+    """pytorch-fid InceptionV3 blocks 0-3 and its fc; submodule names are torchvision's.
+
+    Input: [B, H, W, 3] in [-1, 1], H, W >= 75 (299 for FID). Returns pool features [B, 2048],
+    or with all_outputs=True the `InceptionOutputs`.
+    """
+
+    all_outputs: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array | InceptionOutputs:
         x = BasicConv2d(32, 3, stride=2, name="Conv2d_1a_3x3")(x.astype(jnp.float32))
         x = BasicConv2d(32, 3, name="Conv2d_2a_3x3")(x)
         x = BasicConv2d(64, 3, padding=1, name="Conv2d_2b_3x3")(x)
@@ -168,17 +213,33 @@ class FIDInceptionV3(nn.Module):
             ("Mixed_6e", 192),
         ):
             x = FIDInceptionC(channels_7x7, name=name)(x)
+            if name == "Mixed_6d":  # channels [0, 192) are its branch1x1 (TF mixed_6/conv)
+                spatial = x[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1)
         x = InceptionD(name="Mixed_7a")(x)
         x = FIDInceptionE(max_pool_branch=False, name="Mixed_7b")(x)
         x = FIDInceptionE(max_pool_branch=True, name="Mixed_7c")(x)
-        return jnp.mean(x, axis=(1, 2))
+        pool = jnp.mean(x, axis=(1, 2))
+        logits = UnbiasedClassifier(name="fc")(pool)  # always, so init creates its params
+        return InceptionOutputs(pool, spatial, logits) if self.all_outputs else pool
+
+
+def _network_input(images01: jax.Array, input_size: int) -> jax.Array:
+    """[B, H, W, 3] in [0, 1] -> bilinear resize (no antialias) -> 2x - 1, as pytorch-fid."""
+    x = resize_bilinear(images01, (input_size, input_size), antialias=False)
+    return 2.0 * x - 1.0
 
 
 def inception_features(params: Any, images01: jax.Array) -> jax.Array:
-    """FID features: [B, H, W, 3] in [0, 1] -> bilinear resize to 299 (no antialias) -> 2x-1
-    -> [B, 2048]."""
-    x = resize_bilinear(images01, (INPUT_SIZE, INPUT_SIZE), antialias=False)
-    return FIDInceptionV3().apply({"params": params}, 2.0 * x - 1.0)
+    """FID features: [B, H, W, 3] in [0, 1] -> resize to 299 -> [B, 2048]."""
+    return FIDInceptionV3().apply({"params": params}, _network_input(images01, INPUT_SIZE))
+
+
+def inception_outputs(params: Any, images01: jax.Array, input_size: int = INPUT_SIZE
+                      ) -> InceptionOutputs:
+    """Pool features, sFID spatial features and classifier logits of [B, H, W, 3] images in
+    [0, 1], resized to `input_size` (299 for every published metric; tests use less)."""
+    return FIDInceptionV3(all_outputs=True).apply({"params": params},
+                                                  _network_input(images01, input_size))
 
 
 def how_to_get(directory: str) -> str:
