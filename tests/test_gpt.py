@@ -116,7 +116,8 @@ def test_gpt_l_parameter_count_and_sharding_names():
     assert shapes["spe_embeddings"].shape == (7, 1024)
     assert shapes["cls_embedding"].shape == (1001, 1024)
     mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), FSDP_RULES)
-    flat_specs = jax.tree.leaves(mesh_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    flat_specs = jax.tree.leaves(mesh_specs, is_leaf=is_spec)
     flat_shapes = jax.tree.leaves(shapes)
     assert len(flat_specs) == len(flat_shapes)
     for spec, leaf in zip(flat_specs, flat_shapes):  # every matrix is FSDP-sharded

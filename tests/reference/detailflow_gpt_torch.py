@@ -37,7 +37,8 @@ def rotate(x, table):
 
 
 def rms_norm(x, weight, eps):
-    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return normed.type_as(x) * weight
 
 
 def top_k_top_p_filtering(logits, top_k=0, top_p=1.0):
@@ -70,7 +71,7 @@ class TorchGPT:
     def forward(self, labels, tokens):
         """labels [B], tokens [B, T] -> fp32 logits [B, L, V] (eval mode)."""
         sd = self.sd
-        labels, tokens = torch.as_tensor(labels).long(), torch.as_tensor(tokens).long()
+        labels, tokens = torch.tensor(np.array(labels)).long(), torch.tensor(np.array(tokens)).long()
         cls = sd["cls_embedding.embedding_table.weight"][labels][:, None]
         emb = sd["tok_embeddings.weight"][tokens]
         if tokens.shape[1] >= self.c:
@@ -92,14 +93,14 @@ class TorchGPT:
                                                  v.transpose(1, 2), attn_mask=mask)
             x = x + out.transpose(1, 2).reshape(b, length, width) @ sd[p + "attention.wo.weight"].T
             h = rms_norm(x, sd[p + "ffn_norm.weight"], self.eps)
-            ffn = F.silu(h @ sd[p + "feed_forward.w1.weight"].T) * (h @ sd[p + "feed_forward.w3.weight"].T)
-            x = x + ffn @ sd[p + "feed_forward.w2.weight"].T
+            w1, w2, w3 = (sd[f"{p}feed_forward.{w}.weight"] for w in ("w1", "w2", "w3"))
+            x = x + (F.silu(h @ w1.T) * (h @ w3.T)) @ w2.T
         return (rms_norm(x, sd["norm.weight"], self.eps) @ sd["output.weight"].T).float()
 
     def guided_generation_logits(self, labels, tokens, cfg, gradual_cfg=False):
         """The guided logits every token of `tokens` [B, N] is drawn from in the original's
         `generate_group_par` (teacher-forced with these tokens): fp32 [B, N, V]."""
-        labels, tokens = torch.as_tensor(labels).long(), torch.as_tensor(tokens).long()
+        labels, tokens = torch.tensor(np.array(labels)).long(), torch.tensor(np.array(tokens)).long()
         both = torch.cat([labels, torch.full_like(labels, self.num_classes)])
         groups = self.n // self.g
         out = torch.zeros(tokens.shape[0], self.n, self.sd["output.weight"].shape[0])

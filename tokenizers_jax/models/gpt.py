@@ -56,6 +56,12 @@ def _normal(std: float) -> layers.Initializer:
     return nn.initializers.normal(std)
 
 
+def _linear(features: int, axes: tuple[str, str], dtype: Dtype, name: str) -> Dense:
+    """A bias-free nn.Linear with the original's N(0, 0.02) init."""
+    return Dense(features, use_bias=False, kernel_axes=axes, dtype=dtype,
+                 kernel_init=_normal(0.02), name=name)
+
+
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), no biases, then FFN dropout (LlamaGen `FeedForward`)."""
 
@@ -65,13 +71,9 @@ class SwiGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:  # [B, L, D]
-        def dense(features, axes, name):
-            return Dense(features, use_bias=False, kernel_axes=axes, dtype=self.dtype,
-                         kernel_init=_normal(0.02), name=name)
-
-        h = nn.silu(dense(self.hidden, (EMBED, MLP), "w1")(x)) * dense(
-            self.hidden, (EMBED, MLP), "w3")(x)
-        out = dense(x.shape[-1], (MLP, EMBED), "w2")(h)
+        gate = _linear(self.hidden, (EMBED, MLP), self.dtype, "w1")(x)
+        h = nn.silu(gate) * _linear(self.hidden, (EMBED, MLP), self.dtype, "w3")(x)
+        out = _linear(x.shape[-1], (MLP, EMBED), self.dtype, "w2")(h)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 
@@ -95,25 +97,21 @@ class Attention(nn.Module):
         k); mask: bool [Q, K] with K = Q, or N with a cache. Returns ([B, Q, D], cache)."""
         b, length, width = x.shape
         head_dim = width // self.num_heads
-
-        def dense(features, axes, name):
-            return Dense(features, use_bias=False, kernel_axes=axes, dtype=self.dtype,
-                         kernel_init=_normal(0.02), name=name)
-
-        qkv = dense(3 * width, (EMBED, HEADS), "wqkv")(x).reshape(
+        qkv = _linear(3 * width, (EMBED, HEADS), self.dtype, "wqkv")(x).reshape(
             b, length, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         keep = keep[None, :, None, None].astype(x.dtype)
         q = layers.apply_rope(q, angles) * keep
         k = layers.apply_rope(k, angles) * keep
         if cache is not None:
-            at = (0, start, 0, 0)
-            cache = KVCache(jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), at),
-                            jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype),
-                                                         at))
+            def write(table, new):
+                return jax.lax.dynamic_update_slice(table, new.astype(table.dtype),
+                                                    (0, start, 0, 0))
+
+            cache = KVCache(write(cache.keys, k), write(cache.values, v))
             k, v = cache.keys, cache.values
         out = layers.attention(q, k, v, head_dim**-0.5, mask, self.attention_impl)
-        out = dense(width, (HEADS, EMBED), "wo")(out.reshape(b, length, width))
+        out = _linear(width, (HEADS, EMBED), self.dtype, "wo")(out.reshape(b, length, width))
         return nn.Dropout(self.dropout)(out, deterministic=deterministic), cache
 
 

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from tokenizers_jax import sampling
 from tokenizers_jax.models.group_layout import decoding_passes, sequence_length
@@ -86,12 +85,10 @@ def guidance_scale(cfg: jax.Array | float, first_token: jax.Array | int, gradual
     return jnp.where(jnp.asarray(first_token) < causal_num, cfg, decreasing).astype(jnp.float32)
 
 
-def cfg_batch(labels: jax.Array, tokens: jax.Array, null_class: int
-              ) -> tuple[jax.Array, jax.Array]:
-    """[B] labels, [B, T] tokens -> the paired CFG batch: labels [2B] (label, null, ...) and
-    tokens [2B, T] (each row twice)."""
-    pair_labels = jnp.stack([labels, jnp.full_like(labels, null_class)], axis=1).reshape(-1)
-    return pair_labels, jnp.repeat(tokens, 2, axis=0)
+def cfg_labels(labels: jax.Array, null_class: int) -> jax.Array:
+    """[B] labels -> [2B] labels of the paired CFG batch (label, null, label, null, ...); its
+    tokens are each sample's row twice (`jnp.repeat(tokens, 2, axis=0)`)."""
+    return jnp.stack([labels, jnp.full_like(labels, null_class)], axis=1).reshape(-1)
 
 
 def draw_pass(logits: jax.Array, keys: jax.Array, pass_index: jax.Array | int,
@@ -122,7 +119,7 @@ def sample_cached(model: "GPT", params: Any, labels: jax.Array, keys: jax.Array,
     """
     n, g, c = model.num_tokens, model.group_size, model.causal_num
     batch = labels.shape[0]
-    pair_labels, _ = cfg_batch(labels, labels[:, None], model.num_classes)
+    pair_labels = cfg_labels(labels, model.num_classes)
     tokens = jnp.zeros((batch, n), jnp.int32)
     logits_out = jnp.zeros((batch, n, model.vocab_size), jnp.float32) if return_logits else None
 
@@ -171,10 +168,11 @@ class FullRecomputeSampler:
         """Same arguments and results as `sample_cached`."""
         m = self.model
         tokens = jnp.zeros((labels.shape[0], m.num_tokens), jnp.int32)
+        pair_labels = cfg_labels(labels, m.num_classes)
         logits_out = []
         for pass_index, (first, count) in enumerate(self.passes()):
-            pair_labels, pair_tokens = cfg_batch(labels, tokens[:, :first], m.num_classes)
-            logits = self._forward(params, pair_labels, pair_tokens, count)
+            logits = self._forward(params, pair_labels, jnp.repeat(tokens[:, :first], 2, 0),
+                                   count)
             scale = guidance_scale(cfg, first, gradual_cfg, m.num_tokens, m.group_size,
                                    m.causal_num)
             drawn, guided = self._draw(logits, keys, pass_index, scale, temperature, top_k, top_p)
