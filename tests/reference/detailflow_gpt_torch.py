@@ -71,7 +71,8 @@ class TorchGPT:
     def forward(self, labels, tokens):
         """labels [B], tokens [B, T] -> fp32 logits [B, L, V] (eval mode)."""
         sd = self.sd
-        labels, tokens = torch.tensor(np.array(labels)).long(), torch.tensor(np.array(tokens)).long()
+        labels = torch.tensor(np.array(labels)).long()
+        tokens = torch.tensor(np.array(tokens)).long()
         cls = sd["cls_embedding.embedding_table.weight"][labels][:, None]
         emb = sd["tok_embeddings.weight"][tokens]
         if tokens.shape[1] >= self.c:
@@ -100,7 +101,8 @@ class TorchGPT:
     def guided_generation_logits(self, labels, tokens, cfg, gradual_cfg=False):
         """The guided logits every token of `tokens` [B, N] is drawn from in the original's
         `generate_group_par` (teacher-forced with these tokens): fp32 [B, N, V]."""
-        labels, tokens = torch.tensor(np.array(labels)).long(), torch.tensor(np.array(tokens)).long()
+        labels = torch.tensor(np.array(labels)).long()
+        tokens = torch.tensor(np.array(tokens)).long()
         both = torch.cat([labels, torch.full_like(labels, self.num_classes)])
         groups = self.n // self.g
         out = torch.zeros(tokens.shape[0], self.n, self.sd["output.weight"].shape[0])
