@@ -2,6 +2,7 @@
 original's names, and parallel group decoding: the cached sampler against the full-recompute
 reference path and the original's generation loop."""
 
+import copy
 import functools
 
 import flax.linen as nn
@@ -140,6 +141,16 @@ def test_forward_matches_torch_reference(tiny, prefixes):
         assert ours.shape == theirs.shape == (3, length, 64)
         np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-5 * np.abs(theirs).max(),
                                    err_msg=f"{num_inputs} inputs")
+    # The quirks matter: a rotated (not zeroed) cls row, or RoPE rows aligned with the mask
+    # groups, would give other logits.
+    for ablate in ("cls_rotated", "rows_aligned"):
+        ablated = copy.copy(reference)
+        ablated.table = reference.table.clone()
+        if ablate == "cls_rotated":
+            ablated.table[0, :, 0] = 1.0  # angle 0: cos 1, sin 0
+        else:
+            ablated.table[1:-1] = reference.table[2:]  # position p >= 1 at (p // g, p % g)
+        assert not np.allclose(ablated.forward(labels, tokens).numpy(), theirs, atol=1e-3), ablate
 
 
 def test_training_forward_dropout_and_label_drop(tiny):
