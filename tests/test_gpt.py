@@ -264,3 +264,22 @@ def test_sample_keys_follow_the_generator_rule():
     for i in range(2):
         np.testing.assert_array_equal(keys[i],
                                       jax.random.fold_in(jax.random.PRNGKey(3), 5 + i))
+
+
+@pytest.mark.slow
+def test_longer_token_causal_prefix(tiny):
+    """causal_num = 2g: the first 8 tokens one by one, then groups 2 and 3."""
+    config, model, params, _ = tiny
+    model = model.clone(causal_num=8)
+    keys = sampling.sample_keys(1, 0, len(LABELS))
+    sample = jax.jit(functools.partial(group_decoding.sample_cached, model),
+                     static_argnames=STATIC)
+    tokens, logits = sample(params, LABELS, keys, 1.5, 1.0, return_logits=True)
+    ref_tokens, ref_logits = group_decoding.FullRecomputeSampler(model)(
+        params, LABELS, keys, 1.5, 1.0, return_logits=True)
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(ref_tokens))
+    torch_model = TorchGPT(convert.params_to_state_dict(params, config), num_tokens=16,
+                           group_size=4, causal_num=8, num_heads=2, num_classes=10)
+    theirs = torch_model.guided_generation_logits(LABELS, np.asarray(tokens), 1.5).numpy()
+    for ours in (logits, ref_logits):
+        np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-5 * np.abs(theirs).max())
