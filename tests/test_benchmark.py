@@ -44,6 +44,10 @@ def test_detailflow_ar_benchmark_times_both_samplers():
         assert result[path]["images_per_second"] > 0
         assert result[path]["tokens_per_second"] == pytest.approx(
             16 * result[path]["images_per_second"])
+        assert result[path]["host_cpu_seconds_per_image"] > 0
+    assert result["cpu_time_ratio"] == pytest.approx(
+        result["full_recompute"]["host_cpu_seconds_per_image"]
+        / result["cached"]["host_cpu_seconds_per_image"])
     assert result["speedup"] == pytest.approx(result["cached"]["images_per_second"]
                                               / result["full_recompute"]["images_per_second"])
     json.dumps(result, default=str)
