@@ -3,9 +3,11 @@
   python -m tokenizers_jax.benchmark flowmo --config=configs/flowmo.py:tiny
   python -m tokenizers_jax.benchmark detailflow --config=configs/detailflow.py:tiny
   python -m tokenizers_jax.benchmark train --config=configs/flowmo.py:tiny
+  python -m tokenizers_jax.benchmark detailflow_ar --config=configs/detailflow_ar.py:tiny
 
 `flowmo` and `detailflow` time inference (random weights of the configured shape, or a model
-directory with --checkpoint); `train` times the sharded train step of any training config.
+directory with --checkpoint); `train` times the sharded train step of any training config;
+`detailflow_ar` times DetailFlow's cached AR sampler beside the full-recompute path.
 The same command runs unchanged on CPU, GPU and TPU.
 """
 
@@ -35,7 +37,7 @@ _ITERATIONS = flags.DEFINE_integer("iterations", None, "Timed calls after one wa
 
 flags.adopt_module_key_flags(cli)
 
-BENCHMARKS = ("flowmo", "detailflow", "train")
+BENCHMARKS = ("flowmo", "detailflow", "train", "detailflow_ar")
 
 
 def benchmark_flowmo(config: ml_collections.ConfigDict, params: Any, batch_size: int,
@@ -88,6 +90,10 @@ def run(name: str, config: ml_collections.ConfigDict, checkpoint: str | None = N
         from tokenizers_jax import benchmark_detailflow  # pylint: disable=import-outside-toplevel
 
         return benchmark_detailflow.run(config, params, batch_size, iterations)
+    if name == "detailflow_ar":
+        from tokenizers_jax import benchmark_generation  # pylint: disable=import-outside-toplevel
+
+        return benchmark_generation.run(config, params, batch_size, iterations)
     if name == "train":
         from tokenizers_jax import benchmark_train  # pylint: disable=import-outside-toplevel
 

@@ -2,7 +2,7 @@
 
   python -m tokenizers_jax.convert flowmo --checkpoint flowmo_lo.pth \
       --config configs/flowmo.py:lo --output DIR
-  python -m tokenizers_jax.convert lpips|resnet50|inception|detailflow|siglip2|dino ...
+  python -m tokenizers_jax.convert lpips|resnet50|inception|detailflow|detailflow_gpt|siglip2|dino ...
 
 Each subcommand lives in its own module, which defines `add_arguments(parser)` and
 `main(args)`; modules are imported only when their subcommand runs. Errors and exit statuses
@@ -23,6 +23,8 @@ SUBCOMMANDS = {
     "resnet50": ("tokenizers_jax.convert.resnet50", "torchvision ResNet-50 IMAGENET1K_V1"),
     "inception": ("tokenizers_jax.convert.inception", "pytorch-fid InceptionV3 (FID)"),
     "detailflow": ("tokenizers_jax.convert.detailflow", "DetailFlow tokenizer 128/256/512.pt"),
+    "detailflow_gpt": ("tokenizers_jax.convert.detailflow_gpt",
+                       "DetailFlow GPT-L generator (its ema weights)"),
     "siglip2": ("tokenizers_jax.convert.siglip2", "Hugging Face SigLIP2 so400m safetensors"),
     "dino": ("tokenizers_jax.convert.dino", "DINO ViT-S/16 dino_deitsmall16_pretrain.pth"),
 }

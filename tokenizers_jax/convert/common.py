@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pickle
+import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -154,11 +156,59 @@ def to_numpy(value: Any) -> Array:
     return np.asarray(value)
 
 
+class _YamlScalar:
+    """Stands in for a ruamel.yaml round-trip scalar while unpickling: built from the value,
+    its pickled formatting state (width, precision, anchor, ...) ignored."""
+
+    builtin: type = object
+
+    def __setstate__(self, state):
+        del state
+
+
+def _yaml_scalar(base: type, builtin: type, name: str) -> type:
+    return type(name, (_YamlScalar, base), {"builtin": builtin, "__slots__": ()})
+
+
+# ruamel.yaml's round-trip scalar types -> the builtin each one is. The original training
+# scripts load their yaml with ruamel's round-trip loader and pickle the parsed values inside
+# `args`; the project does not depend on ruamel, so these names map to stand-ins.
+_RUAMEL_SCALARS = {
+    "ruamel.yaml.scalarfloat.ScalarFloat": (float, float),
+    "ruamel.yaml.scalarbool.ScalarBoolean": (int, bool),
+    **{f"ruamel.yaml.scalarint.{name}": (int, int)
+       for name in ("ScalarInt", "BinaryInt", "OctalInt", "HexInt", "HexCapsInt", "DecimalInt")},
+    **{f"ruamel.yaml.scalarstring.{name}": (str, str)
+       for name in ("ScalarString", "LiteralScalarString", "FoldedScalarString",
+                    "SingleQuotedScalarString", "DoubleQuotedScalarString",
+                    "PlainScalarString")},
+}
+_STAND_INS = [(_yaml_scalar(base, builtin, path.rsplit(".", 1)[1]), path)
+              for path, (base, builtin) in _RUAMEL_SCALARS.items()]
+
+
+def plain_values(value: Any) -> Any:
+    """Replaces the ruamel stand-ins inside containers and `argparse.Namespace`s by builtins."""
+    if isinstance(value, _YamlScalar):
+        return value.builtin(value)
+    if isinstance(value, argparse.Namespace):
+        return argparse.Namespace(**{k: plain_values(v) for k, v in vars(value).items()})
+    if isinstance(value, dict):
+        return type(value)((k, plain_values(v)) for k, v in value.items())
+    if type(value) in (list, tuple):
+        return type(value)(plain_values(v) for v in value)
+    return value
+
+
 def load_torch_file(path: str | os.PathLike) -> dict:
     """Reads a `torch.save` file on the CPU without executing arbitrary pickled code.
 
-    Only tensors, containers, numbers and `argparse.Namespace` (DetailFlow stores its args)
-    are allowed.
+    torch's weights-only unpickler reads tensors, containers and numbers; we also allow
+    `argparse.Namespace` (DetailFlow stores its args) and ruamel.yaml's round-trip scalars,
+    which come back as plain floats, ints, bools and strings.
+
+    Raises:
+      ConversionError: the file refers to anything else (named in the message).
     """
     try:
         import torch
@@ -170,5 +220,17 @@ def load_torch_file(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace, *_STAND_INS]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)|unrecognized function (\S+)|got <class '([\w.]+)'>",
+                          str(e))
+        what = next((g for g in found.groups() if g), "") if found else ""
+        raise ConversionError(
+            f"{path} holds pickled objects that are not read safely"
+            + (f" ({what})" if what else "")
+            + ": only tensors, containers, numbers, argparse.Namespace and ruamel.yaml scalars "
+            "are read (no pickled code runs). Re-save its state dicts alone with "
+            "torch.save({'model': ..., 'ema': ...}, path).") from e
+    return plain_values(checkpoint)

@@ -47,7 +47,9 @@ USAGE_BUFFER_SIZE = 65536
 TEACHER_DIR = "teacher"
 DISCRIMINATOR_DIR = "discriminator"
 # checkpoint args fields that no tensor shape reveals -> config.model field.
-CHECKED_ARGS = {"group_size": "group_size"}
+CHECKED_ARGS = {"group_size": "group_size", "degradation_power": "degradation_power"}
+# args fields that no tensor shape reveals and that this port implements one way only.
+FIXED_ARGS = {"codebook_l2_norm": True, "causal_encoder": True}
 
 
 def conversion_rules(config: ml_collections.ConfigDict) -> dict[str, Rule]:
@@ -94,7 +96,8 @@ def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> M
 
 def check_args(args: Any, config: ml_collections.ConfigDict):
     """Refuses a checkpoint whose training args disagree with the config on what no tensor
-    shape reveals (group size, causal_num); the strict conversion checks everything else."""
+    shape reveals (group size, causal_num, degradation power) or with what the port implements
+    (l2-normalised codebook, causal encoder); the strict conversion checks everything else."""
     if args is None:
         return
     m = config.model
@@ -104,6 +107,9 @@ def check_args(args: Any, config: ml_collections.ConfigDict):
         for field, ours in CHECKED_ARGS.items()
         if values.get(field) is not None and values[field] != m[ours]
     ]
+    problems += [f"{field}={values[field]} (this port implements {field}={fixed} only)"
+                 for field, fixed in FIXED_ARGS.items()
+                 if values.get(field) is not None and values[field] != fixed]
     causal = values.get("causal_num") or values.get("group_size")
     if causal is not None and causal != m.causal_num:
         problems.append(f"causal_num={causal} (config model.causal_num={m.causal_num})")
