@@ -140,6 +140,13 @@ def to_uint8(images: Any) -> np.ndarray:
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def sample_keys(key: jax.Array, first_index: int, batch_size: int) -> jax.Array:
+    """The per-sample keys of the `Generator` rule: [B, 2] with row i =
+    fold_in(key, first_index + i); a generator seeded with `seed` passes PRNGKey(seed)."""
+    indices = first_index + jnp.arange(batch_size, dtype=jnp.uint32)
+    return jax.vmap(lambda index: jax.random.fold_in(key, index))(indices)
+
+
 class Generator(abc.ABC):
     """Class labels -> token indices of a tokenizer -> images.
 
