@@ -252,6 +252,12 @@ def build_model(config: ml_collections.ConfigDict) -> MaskGIT:
     return MaskGIT(MaskGITConfig.from_config(config.model))
 
 
+def abstract_params(model: MaskGIT) -> Params:
+    """Shapes and dtypes of the params (unboxed), without allocating them."""
+    variables = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs(1))
+    return nn.unbox(variables["params"])
+
+
 def init_params(model: MaskGIT, key: jax.Array) -> Params:
     """Randomly initialised params (unboxed)."""
     return nn.unbox(jax.jit(model.init)(key, *model.dummy_inputs(1))["params"])

@@ -201,10 +201,11 @@ class MaskGITTask(Task):
         keys = api.sample_keys(sample_key, 0, batch["label"].shape[0])
         generated = maskgit.generate_tokens(self.model, params, batch["label"], keys,
                                             self.sampler)
-        decoder = constants["flowmo_decoder"]
-        images = jnp.stack([self._flowmo_decode(decoder, batch["tokens"], keys),
-                            self._flowmo_decode(decoder, generated, keys)])
-        return metrics, images  # [2, B, S, S, 3]: the data's tokens, then samples
+        both = self._flowmo_decode(constants["flowmo_decoder"],
+                                   jnp.concatenate([batch["tokens"], generated]),
+                                   jnp.concatenate([keys, keys]))
+        # [2, B, S, S, 3]: the data's tokens, then the samples, each with sample i's noise.
+        return metrics, both.reshape(2, -1, *both.shape[1:])
 
     def synthetic_batch(self, batch_size: int) -> Batch:
         c = self.model.config
