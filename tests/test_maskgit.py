@@ -111,6 +111,19 @@ def test_params_have_logical_axes_and_maskbit_inits(tiny_model):
     assert np.std(block["qkv"]["kernel"]) == pytest.approx(bound / np.sqrt(3), rel=0.1)
 
 
+def test_lo_config_is_maskbit_18_bit_on_flowmo_lo():
+    config = load_config("configs/maskgit.py")
+    model = maskgit.build_model(config)
+    c = model.config
+    assert (c.num_positions, c.splits, c.bits_per_split, c.grouping) == (256, 2, 9, "strided")
+    assert (c.hidden_size, c.depth, c.num_heads, c.mlp_dim, c.dropout) == (1024, 24, 16, 4096, 0.1)
+    logits = jax.eval_shape(model.apply, {"params": maskgit.abstract_params(model)},
+                            *model.dummy_inputs(2))
+    assert logits.shape == (2, 256, 2, 512) and logits.dtype == jnp.float32
+    assert (config.optim.weight_decay, config.optim.b2, config.train.ema_decay) == (
+        0.045, 0.96, 0.999)
+
+
 # --- the Generator -------------------------------------------------------------------------------
 
 

@@ -131,6 +131,8 @@ def test_the_task_checks_the_export_and_the_tokenizer(token_export_dir):
                                                        "model.splits": 1}))
     with pytest.raises(ValueError, match="set --config.data.name=tokens"):
         build_task(maskgit_config(token_export_dir, **{"data.name": "sample_photos"}))
+    with pytest.raises(ValueError, match="set --config.data.path=DIR"):
+        build_task(maskgit_config(token_export_dir, **{"data.path": ""}))
     moved = token_export_dir / "moved_tokens"  # an export whose tokenizer is gone
     shutil.copytree(token_export_dir / "tokens", moved)
     manifest = json.loads((moved / "manifest.json").read_text())

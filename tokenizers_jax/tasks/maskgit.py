@@ -113,6 +113,9 @@ class MaskGITTask(Task):
             raise ValueError(f"MaskGIT trains on exported FlowMo tokens, not data.name="
                              f"{config.data.name!r}: set --config.data.name=tokens "
                              "--config.data.path=DIR (python -m tokenizers_jax.export_tokens)")
+        if not config.data.path:
+            raise ValueError("MaskGIT trains on a token export: set --config.data.path=DIR "
+                             "(written by python -m tokenizers_jax.export_tokens)")
         manifests = {path: token_data.load_manifest(path)
                      for path in (config.data.path, config.data.eval_path) if path}
         for path, manifest in manifests.items():
