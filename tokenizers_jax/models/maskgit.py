@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from tokenizers_jax import api
-from tokenizers_jax.layers import EMBED, HEADS, IO, MLP, NORM, VOCAB, Dense
+from tokenizers_jax.layers import EMBED, HEADS, IO, MLP, VOCAB, Dense, LayerNorm
 from tokenizers_jax.models import maskgit_sampler
 from tokenizers_jax.quantizers import lfq
 
@@ -157,23 +157,6 @@ def _zero_bias(fan_in: int):
     return nn.initializers.zeros
 
 
-class LayerNorm(nn.Module):
-    """torch LayerNorm(eps=1e-12) with scale and bias, in fp32."""
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        width = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (NORM,)),
-                           (width,))
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (NORM,)),
-                          (width,))
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS) * scale + bias
-        return y.astype(x.dtype)
-
-
 class BertBlock(nn.Module):
     """Post-LN block: x = LN(x + drop(MHA(x))); x = LN(x + drop(MLP(x)))."""
 
@@ -188,20 +171,21 @@ class BertBlock(nn.Module):
         head_dim = width // self.num_heads
         dense = functools.partial(Dense, dtype=self.dtype, kernel_init=_normal,
                                   bias_init=_zero_bias)
+        dropout = lambda y: nn.Dropout(self.dropout)(y, deterministic)
         qkv = dense(3 * width, kernel_axes=(EMBED, HEADS), name="qkv",
                     kernel_init=nn.initializers.xavier_uniform())(x)
         q, k, v = jnp.split(qkv.reshape(b, length, 3 * self.num_heads, head_dim), 3, axis=2)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1)
-        probs = nn.Dropout(self.dropout)(probs, deterministic)
+        probs = dropout(probs)
         attended = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
         attended = dense(width, kernel_axes=(HEADS, EMBED), name="out")(
             attended.reshape(b, length, width))
-        x = LayerNorm(name="attention_norm")(x + nn.Dropout(self.dropout)(attended, deterministic))
+        x = LayerNorm(LAYER_NORM_EPS, name="attention_norm")(x + dropout(attended))
         hidden = nn.gelu(dense(self.mlp_dim, kernel_axes=(EMBED, MLP), name="fc1")(x),
                          approximate=False)
         hidden = dense(width, kernel_axes=(MLP, EMBED), name="fc2")(hidden)
-        return LayerNorm(name="mlp_norm")(x + nn.Dropout(self.dropout)(hidden, deterministic))
+        return LayerNorm(LAYER_NORM_EPS, name="mlp_norm")(x + dropout(hidden))
 
 
 class MaskGIT(nn.Module):
@@ -228,18 +212,17 @@ class MaskGIT(nn.Module):
                                nn.with_logical_partitioning(_normal, (None, EMBED)),
                                (c.num_positions + 1, c.hidden_size))
         x = jnp.concatenate([x, class_embedding[labels][:, None].astype(dtype)], axis=1)
-        x = LayerNorm(name="embedding_norm")(x + positions.astype(dtype))
+        x = LayerNorm(LAYER_NORM_EPS, name="embedding_norm")(x + positions.astype(dtype))
         x = nn.Dropout(c.dropout)(x, deterministic)
         for i in range(c.depth):
             x = BertBlock(c.num_heads, c.mlp_dim, c.dropout, dtype, name=f"block_{i}")(
                 x, deterministic)
         x = nn.gelu(dense(c.hidden_size, kernel_axes=(EMBED, MLP), name="head_dense")(x),
                     approximate=False)
-        x = LayerNorm(name="head_norm")(x)
-        logits = dense(c.splits * c.codebook_size, kernel_axes=(EMBED, VOCAB), name="predict")(
-            x[:, :c.num_positions])
-        return logits.astype(jnp.float32).reshape(batch, c.num_positions, c.splits,
-                                                  c.codebook_size)
+        x = LayerNorm(LAYER_NORM_EPS, name="head_norm")(x)
+        logits = dense(c.splits * c.codebook_size, kernel_axes=(EMBED, VOCAB),
+                       dtype=jnp.float32, name="predict")(x[:, :c.num_positions])  # fp32
+        return logits.reshape(batch, c.num_positions, c.splits, c.codebook_size)
 
     def dummy_inputs(self, batch_size: int = 1) -> tuple[jax.Array, jax.Array]:
         c = self.config
