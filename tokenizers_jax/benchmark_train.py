@@ -34,7 +34,7 @@ def run(config: ml_collections.ConfigDict, iterations: int = 3) -> dict[str, Any
         "variant": config.get("variant"),
         "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
-        "mesh": dict(batch["image"].sharding.mesh.shape),
+        "mesh": dict(jax.tree.leaves(batch)[0].sharding.mesh.shape),
         "dtype": config.model.get("dtype"),
         "global_batch_size": config.train.batch_size,
         "grad_accum_steps": config.train.grad_accum_steps,

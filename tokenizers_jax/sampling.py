@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 
 
-def sample_keys(seed: int, first_index: int, count: int) -> jax.Array:
+def sample_keys(seed: int | jax.Array, first_index: int, count: int) -> jax.Array:
     """Key of sample first_index + i: fold_in(PRNGKey(seed), first_index + i) -> uint32 [count, 2]
-    (the rule of `api.Generator`)."""
-    base = jax.random.PRNGKey(seed)
+    (the rule of `api.Generator`); `seed` may also be a key, used in place of PRNGKey(seed)."""
+    base = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
     indices = first_index + jnp.arange(count, dtype=jnp.uint32)
     return jax.vmap(jax.random.fold_in, (None, 0))(base, indices)
 
