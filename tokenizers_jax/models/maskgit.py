@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tokenizers_jax import api, sampling
+from tokenizers_jax import api
+from tokenizers_jax.sampling import sample_keys
 from tokenizers_jax.layers import EMBED, HEADS, IO, MLP, VOCAB, Dense, LayerNorm
 from tokenizers_jax.models import maskgit_sampler
 from tokenizers_jax.quantizers import lfq
@@ -297,7 +298,7 @@ class MaskGITGenerator(api.Generator):
         """int [B] labels -> int32 FlowMo indices [B, code_length * fh] (tokenizer.decode's)."""
         labels = self.check_labels(labels)
         sampler = maskgit_sampler.SamplerConfig.from_config(self.config.sampler, **sampling)
-        keys = sampling.sample_keys(seed, first_index, labels.shape[0])
+        keys = sample_keys(seed, first_index, labels.shape[0])
         return self._generate(self.params, jnp.asarray(labels), keys, sampler=sampler)
 
     def decode(self, indices: Any, seed: int = 0, first_index: int = 0) -> jax.Array:
@@ -307,6 +308,6 @@ class MaskGITGenerator(api.Generator):
         if batch == 0:
             raise ValueError(f"expected indices shaped [B, {self.model.config.num_units}] with "
                              f"B >= 1, got shape {np.shape(indices)}")
-        keys = sampling.sample_keys(seed, first_index, batch)
+        keys = sample_keys(seed, first_index, batch)
         noise = decoding_noise(keys, self.tokenizer.model.config.image_size)
         return self.tokenizer.decode(indices, noise=noise)
