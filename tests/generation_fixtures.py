@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+import tokenizers_jax
 from tokenizers_jax import api, exported
 from tokenizers_jax.models import detailflow
 
@@ -87,3 +88,11 @@ def save_generator(directory, seed=0, **config_fields):
 
 def register(monkeypatch):
     monkeypatch.setitem(api.GENERATORS, MODEL_NAME, "generation_fixtures:RandomTokenGenerator")
+
+
+def random_token_generator(directory) -> RandomTokenGenerator:
+    """A stand-in generator of the default `generator_config` over a tiny DetailFlow written
+    to `directory`."""
+    tokenizer = tokenizers_jax.load_tokenizer(tiny_detailflow(directory))
+    config = generator_config()
+    return RandomTokenGenerator(config, generator_params(config), tokenizer)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tokenizers_jax
 from tokenizers_jax import adm_npz, api, generation
 
 import generation_fixtures as fixtures
@@ -18,10 +17,7 @@ CLASSES = [2, 0, 1]
 
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
-    tokenizer = tokenizers_jax.load_tokenizer(
-        fixtures.tiny_detailflow(tmp_path_factory.mktemp("detailflow")))
-    config = fixtures.generator_config()
-    return fixtures.RandomTokenGenerator(config, fixtures.generator_params(config), tokenizer)
+    return fixtures.random_token_generator(tmp_path_factory.mktemp("detailflow"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 
-import tokenizers_jax
 from tokenizers_jax import adm_npz, cli, data, evaluate_generation, exported, metrics
 from tokenizers_jax import generation_evaluation as ge
 from tokenizers_jax.config_file import load_config
@@ -54,10 +53,7 @@ def extractor():
 
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
-    tokenizer = tokenizers_jax.load_tokenizer(
-        fixtures.tiny_detailflow(tmp_path_factory.mktemp("detailflow")))
-    config = fixtures.generator_config()
-    return fixtures.RandomTokenGenerator(config, fixtures.generator_params(config), tokenizer)
+    return fixtures.random_token_generator(tmp_path_factory.mktemp("detailflow"))
 
 
 def photos_config():

@@ -146,6 +146,31 @@ def flax_to_torch(params: Any, rules: Mapping[str, Rule]) -> dict[str, Array]:
     return {key: rule.transform.inverse(flat[rule.target]) for key, rule in rules.items()}
 
 
+def select_weights(checkpoint: Mapping[str, Any], *, what: str, wanted: str,
+                   entries: tuple[str, ...], bare_prefix: str, other_option: str
+                   ) -> Mapping[str, Any]:
+    """The state dict to import from a loaded checkpoint file.
+
+    Args:
+      what: names the checkpoint kind in errors ("FlowMo", "DetailFlow GPT", ...).
+      wanted: the entry to import (e.g. the EMA weights).
+      entries: the weight entries such a file holds; a file with none of them is a bare state
+        dict if one of its keys starts with `bare_prefix`, else not such a checkpoint.
+      other_option: the command-line choice that selects another entry (named in the error
+        when `wanted` is missing).
+    """
+    if not any(entry in checkpoint for entry in entries):
+        if any(k.startswith(bare_prefix) for k in checkpoint):
+            return checkpoint  # already a bare state dict
+        raise ConversionError(
+            f"not a {what} checkpoint: expected {' / '.join(repr(e) for e in entries)} "
+            f"entries, found keys {sorted(checkpoint)[:8]}")
+    if wanted not in checkpoint:
+        raise ConversionError(f"the checkpoint has no '{wanted}' weights (it has "
+                              f"{sorted(checkpoint)}); use {other_option}")
+    return checkpoint[wanted]
+
+
 def to_numpy(value: Any) -> Array:
     """A torch tensor (any dtype, on CPU) or array-like -> numpy."""
     if hasattr(value, "detach"):

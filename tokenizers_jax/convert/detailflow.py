@@ -35,7 +35,7 @@ import numpy as np
 from tokenizers_jax import exported
 from tokenizers_jax.config_file import load_config
 from tokenizers_jax.convert import common, discriminator
-from tokenizers_jax.convert.common import ConversionError, Rule, squeeze_leading
+from tokenizers_jax.convert.common import ConversionError, Rule, select_weights, squeeze_leading
 from tokenizers_jax.convert.siglip2 import abstract_vit_params, siglip2_config, vit_rules
 from tokenizers_jax.models import detailflow
 from tokenizers_jax.models import discriminator as heads_model
@@ -81,17 +81,9 @@ def teacher_rules(config: ml_collections.ConfigDict) -> dict[str, Rule]:
 
 def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> Mapping[str, Any]:
     """The weights to import from a loaded checkpoint file (`model`, or `ema` if asked)."""
-    if "model" not in checkpoint:
-        if any(k.startswith("encoder.") for k in checkpoint):
-            return checkpoint  # already a bare state dict
-        raise ConversionError(
-            f"not a DetailFlow tokenizer checkpoint: expected a 'model' entry, found keys "
-            f"{sorted(checkpoint)[:8]}")
-    wanted = "ema" if use_ema else "model"
-    if wanted not in checkpoint:
-        raise ConversionError(f"the checkpoint has no '{wanted}' weights (it has "
-                              f"{sorted(checkpoint)}); drop --ema")
-    return checkpoint[wanted]
+    return select_weights(checkpoint, what="DetailFlow tokenizer",
+                          wanted="ema" if use_ema else "model", entries=("model",),
+                          bare_prefix="encoder.", other_option="the default (no --ema)")
 
 
 def check_args(args: Any, config: ml_collections.ConfigDict):

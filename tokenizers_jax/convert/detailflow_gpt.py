@@ -31,7 +31,7 @@ import numpy as np
 from tokenizers_jax import exported
 from tokenizers_jax.config_file import load_config
 from tokenizers_jax.convert import common
-from tokenizers_jax.convert.common import ConversionError, Rule
+from tokenizers_jax.convert.common import ConversionError, Rule, select_weights
 from tokenizers_jax.models import gpt
 
 EMA_KEY = "ema"
@@ -67,17 +67,10 @@ def conversion_rules(config: ml_collections.ConfigDict) -> dict[str, Rule]:
 
 def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> Mapping[str, Any]:
     """The weights to import from a loaded checkpoint file (EMA unless `use_ema` is False)."""
-    if EMA_KEY not in checkpoint and RAW_KEY not in checkpoint:
-        if "tok_embeddings.weight" in checkpoint:
-            return checkpoint  # already a bare state dict
-        raise ConversionError(f"not a DetailFlow GPT checkpoint: expected '{EMA_KEY}' / "
-                              f"'{RAW_KEY}' entries, found keys {sorted(checkpoint)[:8]}")
-    wanted = EMA_KEY if use_ema else RAW_KEY
-    if wanted not in checkpoint:
-        other = "--raw" if use_ema else "the default (EMA)"
-        raise ConversionError(f"the checkpoint has no '{wanted}' weights (it has "
-                              f"{sorted(checkpoint)}); use {other}")
-    return checkpoint[wanted]
+    return select_weights(checkpoint, what="DetailFlow GPT",
+                          wanted=EMA_KEY if use_ema else RAW_KEY, entries=(EMA_KEY, RAW_KEY),
+                          bare_prefix="tok_embeddings.",
+                          other_option="--raw" if use_ema else "the default (EMA)")
 
 
 def _rows(state_dict: Mapping[str, Any], key: str) -> int | None:

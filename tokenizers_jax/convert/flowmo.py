@@ -19,7 +19,7 @@ import numpy as np
 from tokenizers_jax import exported
 from tokenizers_jax.config_file import load_config
 from tokenizers_jax.convert.common import ConversionError, Rule, flax_to_torch, linear_rules
-from tokenizers_jax.convert.common import load_torch_file, torch_to_flax
+from tokenizers_jax.convert.common import load_torch_file, select_weights, torch_to_flax
 from tokenizers_jax.models import flowmo
 
 EMA_KEY = "model_ema_state_dict"
@@ -77,18 +77,9 @@ def _check_variant(state_dict: Mapping[str, Any], model_config: flowmo.FlowMoCon
 
 def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> Mapping[str, Any]:
     """The weights to import from a loaded checkpoint file (EMA unless `use_ema` is False)."""
-    if EMA_KEY not in checkpoint and RAW_KEY not in checkpoint:
-        if any(k.startswith("encoder.") for k in checkpoint):
-            return checkpoint  # already a bare state dict
-        raise ConversionError(
-            f"not a FlowMo checkpoint: expected '{EMA_KEY}' / '{RAW_KEY}', "
-            f"found keys {sorted(checkpoint)[:8]}")
-    wanted = EMA_KEY if use_ema else RAW_KEY
-    if wanted not in checkpoint:
-        other = "--raw" if use_ema else "the default (EMA)"
-        raise ConversionError(f"the checkpoint has no '{wanted}'; it has {sorted(checkpoint)}. "
-                              f"Use {other}.")
-    return checkpoint[wanted]
+    return select_weights(checkpoint, what="FlowMo", wanted=EMA_KEY if use_ema else RAW_KEY,
+                          entries=(EMA_KEY, RAW_KEY), bare_prefix="encoder.",
+                          other_option="--raw" if use_ema else "the default (EMA)")
 
 
 def state_dict_to_params(state_dict: Mapping[str, Any],

@@ -22,6 +22,7 @@ import numpy as np
 
 from tokenizers_jax import api, flow, layers
 from tokenizers_jax.models.mmdit import MMDiT, TrunkConfig
+from tokenizers_jax.models.params import abstract_params, init_params  # noqa: F401 (API)
 from tokenizers_jax.quantizers import lfq
 
 Params = Any
@@ -124,16 +125,6 @@ def build_model(config: ml_collections.ConfigDict) -> FlowMo:
     """The FlowMo module of a full config (its `model` section)."""
     return FlowMo(FlowMoConfig.from_config(config.model))
 
-
-def abstract_params(model: FlowMo) -> Params:
-    """Shapes and dtypes of the params (unboxed), without allocating them."""
-    variables = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs(1))
-    return nn.unbox(variables["params"])
-
-
-def init_params(model: FlowMo, key: jax.Array) -> Params:
-    """Randomly initialised params (unboxed), PyTorch default inits, zero modulation gates."""
-    return nn.unbox(jax.jit(model.init)(key, *model.dummy_inputs(1))["params"])
 
 
 def quantize(code: jax.Array, model_config: FlowMoConfig, with_losses: bool,

@@ -40,10 +40,11 @@ import ml_collections
 import numpy as np
 
 from tokenizers_jax import api
-from tokenizers_jax.sampling import sample_keys
 from tokenizers_jax.layers import EMBED, HEADS, IO, MLP, VOCAB, Dense, LayerNorm
 from tokenizers_jax.models import maskgit_sampler
+from tokenizers_jax.models.params import abstract_params, init_params  # noqa: F401 (API)
 from tokenizers_jax.quantizers import lfq
+from tokenizers_jax.sampling import sample_keys
 
 Params = Any
 GROUPINGS = ("strided", "contiguous")
@@ -235,16 +236,6 @@ def build_model(config: ml_collections.ConfigDict) -> MaskGIT:
     """The MaskGIT module of a full config (its `model` section)."""
     return MaskGIT(MaskGITConfig.from_config(config.model))
 
-
-def abstract_params(model: MaskGIT) -> Params:
-    """Shapes and dtypes of the params (unboxed), without allocating them."""
-    variables = jax.eval_shape(model.init, jax.random.key(0), *model.dummy_inputs(1))
-    return nn.unbox(variables["params"])
-
-
-def init_params(model: MaskGIT, key: jax.Array) -> Params:
-    """Randomly initialised params (unboxed)."""
-    return nn.unbox(jax.jit(model.init)(key, *model.dummy_inputs(1))["params"])
 
 
 # --- sampling ----------------------------------------------------------------------------------
