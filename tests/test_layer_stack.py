@@ -27,7 +27,8 @@ def test_match_layout_stacks_unstacks_and_keeps_a_matching_tree():
                         "head": None}}
     stacked = layer_stack.match_layout(unrolled, target)
     assert stacked["trunk"]["blk_scan"]["w"].shape == (3, 2, 3)
-    np.testing.assert_array_equal(stacked["trunk"]["blk_scan"]["b"][2], unrolled["trunk"]["blk_2"]["b"])
+    np.testing.assert_array_equal(stacked["trunk"]["blk_scan"]["b"][2],
+                                  unrolled["trunk"]["blk_2"]["b"])
     assert stacked["trunk"]["head"] is unrolled["trunk"]["head"]
     back = layer_stack.match_layout(stacked, unrolled)
     jax.tree.map(np.testing.assert_array_equal, back, unrolled)

@@ -252,7 +252,9 @@ class MMDiT(nn.Module):
         ids = position_ids(txt_tokens.shape[1], grid)
         angles = layers.rope_angles(ids, c.axes_dim, self.rope_theta)
         if self.scan_layers:
-            block_class = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
+            block_class = _ScannedBlock
+            if self.remat:  # the same policy as unrolled; no CSE barrier needed inside a scan
+                block_class = nn.remat(block_class, prevent_cse=False)
             blocks = nn.scan(block_class, variable_axes={"params": 0},
                              split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
                              length=c.depth, metadata_params={nn.PARTITION_NAME: None})
