@@ -3,10 +3,17 @@
   python -m tokenizers_jax.benchmark flowmo --config=configs/flowmo.py:tiny
   python -m tokenizers_jax.benchmark detailflow --config=configs/detailflow.py:tiny
   python -m tokenizers_jax.benchmark train --config=configs/flowmo.py:tiny
+  python -m tokenizers_jax.benchmark compile --config=configs/flowmo.py:lo
 
 `flowmo` and `detailflow` time inference (random weights of the configured shape, or a model
-directory with --checkpoint); `train` times the sharded train step of any training config.
-The same command runs unchanged on CPU, GPU and TPU.
+directory with --checkpoint); `train` times the sharded train step of any training config;
+`compile` compiles FlowMo's train step and reconstruction on abstract inputs (nothing of the
+full size is allocated) and reports the seconds. The same command runs unchanged on CPU, GPU
+and TPU.
+
+With --compare-torch, `train`, `flowmo` and `detailflow` instead run side by side with the
+PyTorch re-statements of the originals, alternating, on the same weights, shapes and threads
+(see `tokenizers_jax.benchmark_torch`; the shapes of the README are configs/benchmark.py).
 """
 
 from __future__ import annotations
@@ -33,9 +40,14 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per call (default
 _ITERATIONS = flags.DEFINE_integer("iterations", None, "Timed calls after one warm-up call "
                                    "(default: 3, or the config's benchmark section).")
 
+_COMPARE_TORCH = flags.DEFINE_bool("compare-torch", False, "Run side by side with eager "
+                                   "PyTorch (train, flowmo, detailflow; needs torch).")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "--compare-torch: alternating rounds (medians are "
+                               "reported).")
+
 flags.adopt_module_key_flags(cli)
 
-BENCHMARKS = ("flowmo", "detailflow", "train")
+BENCHMARKS = ("flowmo", "detailflow", "train", "compile")
 
 
 def benchmark_flowmo(config: ml_collections.ConfigDict, params: Any, batch_size: int,
@@ -92,6 +104,10 @@ def run(name: str, config: ml_collections.ConfigDict, checkpoint: str | None = N
         from tokenizers_jax import benchmark_train  # pylint: disable=import-outside-toplevel
 
         return benchmark_train.run(config, iterations or 3)
+    if name == "compile":
+        from tokenizers_jax import benchmark_compile  # pylint: disable=import-outside-toplevel
+
+        return benchmark_compile.run(config, batch_size)
     raise app.UsageError(f"unknown benchmark {name!r}; choose one of {BENCHMARKS}")
 
 
@@ -101,7 +117,16 @@ def main(argv: list[str]):
                              " --config=FILE[:variant]")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/flowmo.py:tiny")
-    result = run(argv[1], _CONFIG.value, _CHECKPOINT.value, _BATCH_SIZE.value, _ITERATIONS.value)
+    if _COMPARE_TORCH.value:
+        if _CHECKPOINT.value:
+            raise app.UsageError("--compare-torch times random weights; drop --checkpoint")
+        from tokenizers_jax import benchmark_torch  # pylint: disable=import-outside-toplevel
+
+        result = benchmark_torch.run(argv[1], _CONFIG.value, _BATCH_SIZE.value, _ROUNDS.value,
+                                     _ITERATIONS.value or 1)
+    else:
+        result = run(argv[1], _CONFIG.value, _CHECKPOINT.value, _BATCH_SIZE.value,
+                     _ITERATIONS.value)
     json.dump(result, sys.stdout, indent=2, default=str)
     print()
 
