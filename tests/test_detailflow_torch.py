@@ -102,3 +102,21 @@ def test_decode_at_other_grid_resizes_positions_like_torch(setup):
             emb = F.normalize(ref.sd["quantize.embedding.weight"], dim=-1)
             theirs = ref.decode(emb[torch.from_numpy(idx).long()], 16, grid * 8)
         close(jnp.transpose(ours, (0, 3, 1, 2)), theirs)
+
+
+def test_public_decode_attends_over_the_slots_of_its_resolution_only(setup):
+    """Coarse prefixes decode from fewer code slots (`decoder_slots`), with the same numbers."""
+    config, params, _, ref, x, _ = setup
+    tok = df.DetailFlowTokenizer(config, params)
+    idx = np.array(tok.encode(x))
+    res = tok.resolutions
+    t = 2
+    size = res.output_resolution(t)
+    slots = tok.decoder_slots(t, size)
+    assert t <= slots < config.model.num_latent_tokens
+    assert res.output_resolution(slots) == size and res.output_resolution(slots + 1) > size
+    assert tok.decoder_slots(16, size) == 16  # a prefix longer than the bucket: every slot
+    with torch.no_grad():
+        emb = F.normalize(ref.sd["quantize.embedding.weight"], dim=-1)
+        theirs = ref.decode(emb[torch.from_numpy(idx).long()], t, size).clamp(-1, 1)
+    close(jnp.transpose(tok.decode(idx, num_tokens=t), (0, 3, 1, 2)), theirs)
