@@ -24,6 +24,7 @@ def test_flowmo_benchmark_reports_throughput_and_evaluations():
     assert result["encode_images_per_second"] > 0 and result["reconstruct_images_per_second"] > 0
     assert result["compile_seconds"]["reconstruct"] > 0
     assert result["parameters"] > 0 and result["peak_host_rss_bytes"] > 0
+    assert result["reconstruct_flops"] > 0 and result["reconstruct_mfu"] is None  # CPU
     json.dumps(result, default=str)
 
 

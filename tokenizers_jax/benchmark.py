@@ -68,6 +68,9 @@ def benchmark_flowmo(config: ml_collections.ConfigDict, params: Any, batch_size:
     reconstruct = lambda p, x, k: flowmo.reconstruct(model, p, x, k, config)
     encode_fn, encode_compile_s = timing.compile_seconds(jax.jit(encode), params, images)
     recon_fn, recon_compile_s = timing.compile_seconds(jax.jit(reconstruct), params, images, key)
+    recon_flops = timing.matmul_flops(reconstruct, params, images, key)
+    recon_ips = timing.items_per_second(lambda: recon_fn(params, images, key), batch_size,
+                                        iterations)
     sampler = config.sampler
     times = flow.sampler_times(sampler.steps, sampler.schedule)
     guided = flow.guided_steps(times, sampler.cfg, sampler.cfg_interval_sigma)
@@ -82,10 +85,11 @@ def benchmark_flowmo(config: ml_collections.ConfigDict, params: Any, batch_size:
         "compile_seconds": {"encode": encode_compile_s, "reconstruct": recon_compile_s},
         "encode_images_per_second": timing.items_per_second(
             lambda: encode_fn(params, images), batch_size, iterations),
-        "reconstruct_images_per_second": timing.items_per_second(
-            lambda: recon_fn(params, images, key), batch_size, iterations),
+        "reconstruct_images_per_second": recon_ips,
         "sampler": {"steps": sampler.steps, "schedule": sampler.schedule, "cfg": sampler.cfg},
         "decoder_evaluations_per_reconstruction": flow.decoder_evaluations(guided),
+        "reconstruct_flops": recon_flops,
+        "reconstruct_mfu": timing.utilisation(recon_flops, batch_size / recon_ips),
         **timing.peak_memory(),
     }
 
