@@ -17,6 +17,10 @@ Model fields (all under `model`):
   remat               recompute each MMDiT block in the backward pass (jax.checkpoint): far
                       less activation memory for about one more forward of compute. Same
                       parameters and numbers either way.
+  scan_layers         run the MMDiT blocks with nn.scan: one compiled block per trunk, so
+                      compiles take a fraction of the time. Params are then stacked under
+                      double_blocks_scan; importers, model directories and init_from convert
+                      between the layouts (tokenizers_jax.layer_stack). Same numbers either way.
 """
 
 import ml_collections
@@ -53,6 +57,7 @@ def get_config(arg: str = "lo") -> ml_collections.ConfigDict:
     model.dtype = "float32"
     model.attention_impl = "xla"
     model.remat = True
+    model.scan_layers = False
 
     # LFQ bottleneck (spec 4).
     config.quantizer = ml_collections.ConfigDict(

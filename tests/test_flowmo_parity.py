@@ -1,6 +1,6 @@
 """Parity of our JAX FlowMo (through the converter) with an independent PyTorch reference.
 
-The reference (tests/reference/flowmo_torch.py) is written from the behavioural spec
+The reference (tokenizers_jax/torch_reference/flowmo.py) is written from the behavioural spec
 (/work/shared/specs/flowmo.md), not from the JAX code. Every parameter of a tiny reference is
 randomised (including the zero-initialised modulation gates), its state_dict converted with
 `convert.flowmo.state_dict_to_params`, and outputs compared in fp32 on CPU with all random
@@ -23,13 +23,13 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from reference import flowmo_torch as R  # noqa: E402
 from reference.flowmo_layout import spec_state_dict_shapes  # noqa: E402
 
 from tokenizers_jax import flow  # noqa: E402
 from tokenizers_jax.config_file import load_config  # noqa: E402
 from tokenizers_jax.convert import flowmo as convert_flowmo  # noqa: E402
 from tokenizers_jax.models import flowmo  # noqa: E402
+from tokenizers_jax.torch_reference import flowmo as R  # noqa: E402
 
 torch.set_grad_enabled(True)
 RTOL = 2e-5  # single network passes

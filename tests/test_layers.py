@@ -89,6 +89,29 @@ def test_attention_uses_the_given_scale_and_mask():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_takes_per_example_key_masks_and_bfloat16():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.normal(size=(2, 5, 3, 8)).astype(np.float32) for _ in range(3))
+    keys = np.array([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]], bool)[:, None, None, :]  # [B, 1, 1, L]
+    out = layers.attention(q, k, v, scale=0.3, mask=jnp.asarray(keys))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.from_numpy(a).transpose(1, 2) for a in (q, k, v)),
+        attn_mask=torch.from_numpy(keys), scale=0.3).transpose(1, 2).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    half = layers.attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), scale=0.3,
+                            mask=jnp.asarray(keys))
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half, np.float32), expected, atol=3e-2)
+
+
+def test_cudnn_attention_refuses_to_run_without_an_nvidia_gpu():
+    x = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU.*use model.attention_impl='xla'"):
+        layers.attention(x, x, x, scale=1.0, implementation="cudnn")
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        layers.attention(x, x, x, scale=1.0, implementation="flash")
+
+
 def test_patchify_feature_order_is_py_px_c_and_inverts():
     images = np.arange(2 * 8 * 12 * 3, dtype=np.float32).reshape(2, 8, 12, 3)
     tokens = layers.patchify(jnp.asarray(images), 4)

@@ -129,6 +129,7 @@ def test_train_benchmark_reports_throughput_and_compile_time():
     result = benchmark_train.run(toy_config(), iterations=2)
     assert result["images_per_second"] > 0 and result["compile_seconds"] > 0
     assert result["global_batch_size"] == 8 and np.isfinite(result["loss"])
+    assert result["flops_per_step"] > 0 and result["mfu"] is None  # no MFU on CPU
 
 
 def test_encoder_freeze_survives_a_restart(tmp_path):

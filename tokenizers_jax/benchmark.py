@@ -4,11 +4,18 @@
   python -m tokenizers_jax.benchmark detailflow --config=configs/detailflow.py:tiny
   python -m tokenizers_jax.benchmark train --config=configs/flowmo.py:tiny
   python -m tokenizers_jax.benchmark detailflow_ar --config=configs/detailflow_ar.py:tiny
+  python -m tokenizers_jax.benchmark compile --config=configs/flowmo.py:lo
 
 `flowmo` and `detailflow` time inference (random weights of the configured shape, or a model
 directory with --checkpoint); `train` times the sharded train step of any training config;
-`detailflow_ar` times DetailFlow's cached AR sampler beside the full-recompute path.
-The same command runs unchanged on CPU, GPU and TPU.
+`detailflow_ar` times DetailFlow's cached AR sampler beside the full-recompute path;
+`compile` compiles FlowMo's train step and reconstruction on abstract inputs (nothing of the
+full size is allocated) and reports the seconds. The same command runs unchanged on CPU, GPU
+and TPU.
+
+With --compare-torch, `train`, `flowmo` and `detailflow` instead run side by side with the
+PyTorch re-statements of the originals, alternating, on the same weights, shapes and threads
+(see `tokenizers_jax.benchmark_torch`; the shapes of the README are configs/benchmark.py).
 """
 
 from __future__ import annotations
@@ -35,9 +42,14 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per call (default
 _ITERATIONS = flags.DEFINE_integer("iterations", None, "Timed calls after one warm-up call "
                                    "(default: 3, or the config's benchmark section).")
 
+_COMPARE_TORCH = flags.DEFINE_bool("compare-torch", False, "Run side by side with eager "
+                                   "PyTorch (train, flowmo, detailflow; needs torch).")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "--compare-torch: alternating rounds (medians are "
+                               "reported).")
+
 flags.adopt_module_key_flags(cli)
 
-BENCHMARKS = ("flowmo", "detailflow", "train", "detailflow_ar")
+BENCHMARKS = ("flowmo", "detailflow", "train", "detailflow_ar", "compile")
 
 
 def benchmark_flowmo(config: ml_collections.ConfigDict, params: Any, batch_size: int,
@@ -58,6 +70,9 @@ def benchmark_flowmo(config: ml_collections.ConfigDict, params: Any, batch_size:
     reconstruct = lambda p, x, k: flowmo.reconstruct(model, p, x, k, config)
     encode_fn, encode_compile_s = timing.compile_seconds(jax.jit(encode), params, images)
     recon_fn, recon_compile_s = timing.compile_seconds(jax.jit(reconstruct), params, images, key)
+    recon_flops = timing.matmul_flops(reconstruct, params, images, key)
+    recon_ips = timing.items_per_second(lambda: recon_fn(params, images, key), batch_size,
+                                        iterations)
     sampler = config.sampler
     times = flow.sampler_times(sampler.steps, sampler.schedule)
     guided = flow.guided_steps(times, sampler.cfg, sampler.cfg_interval_sigma)
@@ -72,10 +87,11 @@ def benchmark_flowmo(config: ml_collections.ConfigDict, params: Any, batch_size:
         "compile_seconds": {"encode": encode_compile_s, "reconstruct": recon_compile_s},
         "encode_images_per_second": timing.items_per_second(
             lambda: encode_fn(params, images), batch_size, iterations),
-        "reconstruct_images_per_second": timing.items_per_second(
-            lambda: recon_fn(params, images, key), batch_size, iterations),
+        "reconstruct_images_per_second": recon_ips,
         "sampler": {"steps": sampler.steps, "schedule": sampler.schedule, "cfg": sampler.cfg},
         "decoder_evaluations_per_reconstruction": flow.decoder_evaluations(guided),
+        "reconstruct_flops": recon_flops,
+        "reconstruct_mfu": timing.utilisation(recon_flops, batch_size / recon_ips),
         **timing.peak_memory(),
     }
 
@@ -98,6 +114,10 @@ def run(name: str, config: ml_collections.ConfigDict, checkpoint: str | None = N
         from tokenizers_jax import benchmark_train  # pylint: disable=import-outside-toplevel
 
         return benchmark_train.run(config, iterations or 3)
+    if name == "compile":
+        from tokenizers_jax import benchmark_compile  # pylint: disable=import-outside-toplevel
+
+        return benchmark_compile.run(config, batch_size)
     raise app.UsageError(f"unknown benchmark {name!r}; choose one of {BENCHMARKS}")
 
 
@@ -107,7 +127,16 @@ def main(argv: list[str]):
                              " --config=FILE[:variant]")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/flowmo.py:tiny")
-    result = run(argv[1], _CONFIG.value, _CHECKPOINT.value, _BATCH_SIZE.value, _ITERATIONS.value)
+    if _COMPARE_TORCH.value:
+        if _CHECKPOINT.value:
+            raise app.UsageError("--compare-torch times random weights; drop --checkpoint")
+        from tokenizers_jax import benchmark_torch  # pylint: disable=import-outside-toplevel
+
+        result = benchmark_torch.run(argv[1], _CONFIG.value, _BATCH_SIZE.value, _ROUNDS.value,
+                                     _ITERATIONS.value or 1)
+    else:
+        result = run(argv[1], _CONFIG.value, _CHECKPOINT.value, _BATCH_SIZE.value,
+                     _ITERATIONS.value)
     json.dump(result, sys.stdout, indent=2, default=str)
     print()
 

@@ -54,13 +54,14 @@ def run(
     patch = config.model.decoder.patch_size
     for n in tuple(bench.prefix_lengths) or tokenizer.resolutions.prefix_lengths():
         resolution = tokenizer.resolutions.output_resolution(n)
+        slots = indices[:, :tokenizer.decoder_slots(n, resolution)]
         if resolution not in compiled:
             compiled[resolution], decode_compile_s[resolution] = timing.compile_seconds(
-                tokenizer._decode, params, indices, n, resolution // patch)  # pylint: disable=protected-access
+                tokenizer._decode, params, slots, n, resolution // patch)  # pylint: disable=protected-access
         decode = compiled[resolution]
         decode_resolution[n] = resolution
         decode_ips[n] = timing.items_per_second(
-            lambda: decode(params, indices, n), batch_size, iterations)  # pylint: disable=cell-var-from-loop
+            lambda: decode(params, slots, n), batch_size, iterations)  # pylint: disable=cell-var-from-loop
     return {
         "model": "detailflow",
         "variant": config.get("variant"),

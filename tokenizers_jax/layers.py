@@ -174,6 +174,20 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+def check_cudnn_attention(dtype: Any):
+    """Raises a ValueError unless cuDNN fused attention can run here: an NVIDIA GPU backend
+    and a 16-bit compute dtype (what its kernels take)."""
+    backend = jax.default_backend()
+    if backend != "gpu" or not jax.devices()[0].device_kind.startswith("NVIDIA"):
+        raise ValueError(
+            f"model.attention_impl='cudnn' needs an NVIDIA GPU (cuDNN fused attention); this "
+            f"process runs on {backend} ({jax.devices()[0].device_kind}): use "
+            f"model.attention_impl='xla', which runs everywhere")
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"model.attention_impl='cudnn' takes bfloat16 or float16 inputs, got "
+                         f"{jnp.dtype(dtype).name}: set model.dtype='bfloat16' (or use 'xla')")
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -184,20 +198,36 @@ def attention(
 ) -> jax.Array:
     """Scaled dot-product attention with fp32 logits and softmax.
 
+    The XLA path runs both products heads-major ([B, H, L, D], the layout every backend's
+    batched matmul takes without copies of the [B, H, Lq, Lk] logits) and scales q (in fp32)
+    rather than the logits. Results match `jax.nn.dot_product_attention` to rounding.
+
     Args:
       q, k, v: [B, L, H, D].
       scale: logit multiplier (e.g. 1/sqrt(D), or FlowMo's 8/D).
-      mask: optional boolean [Lq, Lk] or [B, 1, Lq, Lk]; True means "may attend".
-      implementation: None (XLA) or "cudnn" (fused kernel on NVIDIA GPUs), as in
-        `jax.nn.dot_product_attention`.
+      mask: optional boolean [Lq, Lk] or [B, 1, Lq, Lk] (any axis may be 1); True means
+        "may attend". Every query must see at least one key.
+      implementation: None (XLA) or "cudnn" (fused kernel on NVIDIA GPUs, bf16/fp16 only;
+        anywhere else a ValueError says so), as in `jax.nn.dot_product_attention`.
     Returns:
-      [B, L, H, D].
+      [B, L, H, D] in v's dtype.
     """
     if mask is not None and mask.ndim == 2:
         mask = mask[None, None]
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, scale=scale, implementation=implementation
-    )
+    if implementation == "cudnn":
+        check_cudnn_attention(q.dtype)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                            implementation="cudnn")
+    if implementation is not None:
+        raise ValueError(f"unknown attention implementation {implementation!r}; use None (XLA) "
+                         "or 'cudnn'")
+    q = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, L, D]
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)
 
 
 class FeedForward(nn.Module):

@@ -11,12 +11,13 @@ original evaluator does) and `model_state_dict` (raw weights, `--raw`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any, Mapping
 
 import ml_collections
 import numpy as np
 
-from tokenizers_jax import exported
+from tokenizers_jax import exported, layer_stack
 from tokenizers_jax.config_file import load_config
 from tokenizers_jax.convert.common import ConversionError, Rule, flax_to_torch, linear_rules
 from tokenizers_jax.convert.common import load_torch_file, select_weights, torch_to_flax
@@ -84,16 +85,22 @@ def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> Ma
 
 def state_dict_to_params(state_dict: Mapping[str, Any],
                          config: ml_collections.ConfigDict) -> dict:
-    """In-memory conversion: a FlowMo state dict (torch or numpy arrays) -> our params."""
+    """In-memory conversion: a FlowMo state dict (torch or numpy arrays) -> our params, in the
+    config's layout (blocks stacked if `model.scan_layers`)."""
     model = flowmo.build_model(config)
     _check_variant(state_dict, model.config)
-    return torch_to_flax(state_dict, conversion_rules(model.config),
-                         flowmo.abstract_params(model), what="FlowMo checkpoint")
+    unrolled = flowmo.FlowMo(dataclasses.replace(model.config, scan_layers=False))
+    params = torch_to_flax(state_dict, conversion_rules(model.config),
+                           flowmo.abstract_params(unrolled), what="FlowMo checkpoint")
+    return layer_stack.match_layout(params, flowmo.abstract_params(model))
 
 
 def params_to_state_dict(params: Any, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-    """Our params -> a state dict with the original's key names and layouts."""
-    return flax_to_torch(params, conversion_rules(flowmo.build_model(config).config))
+    """Our params (either layout) -> a state dict with the original's key names and layouts."""
+    model_config = flowmo.build_model(config).config
+    unrolled = flowmo.FlowMo(dataclasses.replace(model_config, scan_layers=False))
+    params = layer_stack.match_layout(params, flowmo.abstract_params(unrolled))
+    return flax_to_torch(params, conversion_rules(model_config))
 
 
 def add_arguments(parser: argparse.ArgumentParser):

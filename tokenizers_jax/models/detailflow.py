@@ -386,7 +386,7 @@ class DetailFlowTokenizer(api.Tokenizer):
       full = tok.reconstruct(images)                # all N tokens at full resolution
 
     Decoders are compiled once per output resolution (batch shape aside); the prefix length
-    is a traced mask.
+    is a traced mask over the code slots of that resolution (`decoder_slots`).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, params: Any):
@@ -472,10 +472,20 @@ class DetailFlowTokenizer(api.Tokenizer):
             resolution = self.resolutions.output_resolution(num_tokens)
         if resolution <= 0 or resolution % patch:
             raise ValueError(f"resolution must be a positive multiple of {patch}, got {resolution}")
-        padded = np.zeros((indices.shape[0], self.num_tokens), np.int32)
-        padded[:, :length] = indices
+        slots = self.decoder_slots(num_tokens, resolution)
+        padded = np.zeros((indices.shape[0], slots), np.int32)
+        padded[:, :min(length, slots)] = indices[:, :slots]
         images = self._decode(self.params, padded, num_tokens, resolution // patch)
         return jnp.clip(images, -1.0, 1.0)
+
+    def decoder_slots(self, num_tokens: int, resolution: int) -> int:
+        """How many code slots the decoder takes for a prefix of num_tokens at `resolution`:
+        the longest prefix whose trained resolution is `resolution` (so that coarse decodes do
+        not attend over up to N - n masked slots), else all N. A function of the resolution
+        alone in the first case, so still one compiled decoder per output size."""
+        longest = max((n for n in range(1, self.num_tokens + 1)
+                       if self.resolutions.output_resolution(n) == resolution), default=0)
+        return longest if num_tokens <= longest else self.num_tokens
 
     def reconstruct(self, images: Any, num_tokens: int | None = None, resolution: int | None = None):
         """Encode, then decode the first num_tokens (default N) at R(num_tokens)."""

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tokenizers_jax import api, flow, layers
+from tokenizers_jax import api, flow, layer_stack, layers
 from tokenizers_jax.models.mmdit import MMDiT, TrunkConfig
 from tokenizers_jax.models.params import abstract_params, init_params  # noqa: F401 (API)
 from tokenizers_jax.quantizers import lfq
@@ -45,6 +45,7 @@ class FlowMoConfig:
     dtype: str = "float32"
     attention_impl: str = "xla"
     remat: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.context_dim % self.codebook_size_for_entropy:
@@ -89,9 +90,9 @@ class FlowMo(nn.Module):
         impl = None if c.attention_impl == "xla" else c.attention_impl
         patch_dim = c.patch_size * c.patch_size * 3
         self.encoder = MMDiT(c.encoder, patch_dim, c.context_dim, c.rope_theta, dtype, impl,
-                             c.remat)
+                             c.remat, c.scan_layers)
         self.decoder = MMDiT(c.decoder, patch_dim, c.context_dim + 1, c.rope_theta, dtype, impl,
-                             c.remat)
+                             c.remat, c.scan_layers)
 
     def _grid(self, images: jax.Array) -> tuple[int, int]:
         p = self.config.patch_size
@@ -252,8 +253,9 @@ class FlowMoTokenizer(api.Tokenizer):
     """`load_tokenizer` front end. Indices are LFQ codewords: [B, tokens_per_image] int32."""
 
     def __init__(self, config: ml_collections.ConfigDict, params: Params):
-        super().__init__(config, params)
         self.model = build_model(config)
+        # Params of either block layout (stacked or not) are read into the config's.
+        super().__init__(config, layer_stack.match_layout(params, abstract_params(self.model)))
         self._encode = jax.jit(self._encode_impl)
         self._decode = jax.jit(self._decode_impl, static_argnames=("sampler",))
 

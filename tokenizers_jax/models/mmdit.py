@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenizers_jax import layers
+from tokenizers_jax import layer_stack, layers
 from tokenizers_jax.layers import EMBED, HEADS, IO, MLP, Dense, layer_norm, modulate
 
 TIME_EMBED_DIM = 256
@@ -183,6 +183,13 @@ class DoubleStreamBlock(nn.Module):
         return streams["img"], streams["txt"]
 
 
+class _ScannedBlock(DoubleStreamBlock):
+    """A DoubleStreamBlock with nn.scan's signature: ((img, txt), vec, angles) -> (carry, None)."""
+
+    def __call__(self, carry, vec, angles):  # pylint: disable=arguments-differ
+        return super().__call__(*carry, vec, angles), None
+
+
 class LastLayer(nn.Module):
     """Final norm and readout. With vec: adaLN (shift, scale), then LayerNorm *again*."""
 
@@ -215,6 +222,9 @@ class MMDiT(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
     remat: bool = False  # recompute each block's activations in the backward pass
+    # Run the blocks with nn.scan: one compiled block instead of `depth`, params stacked under
+    # double_blocks_scan (see tokenizers_jax.layer_stack for the conversion).
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, img_tokens, txt_tokens, grid, timesteps=None):
@@ -241,10 +251,21 @@ class MMDiT(nn.Module):
                 time_in(jnp.zeros((1,), jnp.float32))
         ids = position_ids(txt_tokens.shape[1], grid)
         angles = layers.rope_angles(ids, c.axes_dim, self.rope_theta)
-        block_class = nn.remat(DoubleStreamBlock) if self.remat else DoubleStreamBlock
-        for i in range(c.depth):
-            img, txt = block_class(c, self.dtype, self.attention_impl,
-                                   name=f"double_blocks_{i}")(img, txt, vec, angles)
+        if self.scan_layers:
+            block_class = _ScannedBlock
+            if self.remat:  # the same policy as unrolled; no CSE barrier needed inside a scan
+                block_class = nn.remat(block_class, prevent_cse=False)
+            blocks = nn.scan(block_class, variable_axes={"params": 0},
+                             split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+                             length=c.depth, metadata_params={nn.PARTITION_NAME: None})
+            (img, txt), _ = blocks(c, self.dtype, self.attention_impl,
+                                   name=layer_stack.stacked_name("double_blocks"))(
+                (img, txt), vec, angles)
+        else:
+            block_class = nn.remat(DoubleStreamBlock) if self.remat else DoubleStreamBlock
+            for i in range(c.depth):
+                img, txt = block_class(c, self.dtype, self.attention_impl,
+                                       name=f"double_blocks_{i}")(img, txt, vec, angles)
         img_out = LastLayer(c.hidden_size, self.patch_dim, self.dtype, name="final_layer_img")(
             img, vec
         )

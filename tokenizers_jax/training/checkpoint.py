@@ -36,6 +36,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from tokenizers_jax import layer_stack
 from tokenizers_jax.training.state import TrainState
 from tokenizers_jax.training.workdir import load_config, save_config  # noqa: F401 (re-exported)
 
@@ -247,15 +248,21 @@ def restore_params(workdir: str, abstract_params: Any, shardings: Any, item: str
                    step: int | None = None) -> Any:
     """Restores one params item ("params" or "ema_params") of a workdir onto `shardings`.
 
-    Reads only that item's directory (the other items are not opened).
+    Reads only that item's directory (the other items are not opened). Blocks saved in the
+    other layout (stacked by `model.scan_layers`, or not) are converted to the target's.
     """
     path, step = _item_path(workdir, item, step)
+    target = _abstract(abstract_params, shardings)
     handler = ocp.StandardCheckpointHandler()
     try:
-        restored = handler.restore(
-            path, args=ocp.args.StandardRestore(_abstract(abstract_params, shardings)))
+        metadata = handler.metadata(path)
+        stored = layer_stack.match_layout(target, getattr(metadata, "tree", metadata))
+        restored = handler.restore(path, args=ocp.args.StandardRestore(stored))
     finally:
         handler.close()
+    if stored is not target:
+        restored = jax.jit(lambda p: layer_stack.match_layout(p, target),
+                           out_shardings=shardings)(restored)
     logging.info("restored %s of step %d from %s", item, step, workdir)
     return restored
 

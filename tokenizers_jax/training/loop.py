@@ -221,19 +221,21 @@ class StepCompiler:
     def __call__(self, static: Hashable, state, constants, batch, draws):
         """The compiled step for `static` (compiling it for these arguments if it is new)."""
         if static not in self.compiled:
-            run, mesh = self.run, self.run.mesh
-            replicated = sharding_lib.replicated(mesh)
-            jitted = jax.jit(
-                make_train_step(run.task, run.txs, self.config.train, mesh,
-                                run.fixed_norm_mask, static),
-                in_shardings=(run.shardings, replicated, sharding_lib.batch_sharding(mesh),
-                              replicated),
-                out_shardings=(run.shardings, replicated),
-                donate_argnums=(0,),
-            )
             self.compiled[static], self.compile_seconds[static] = timing.compile_seconds(
-                jitted, state, constants, batch, draws)
+                jit_train_step(self.run, self.config, static), state, constants, batch, draws)
         return self.compiled[static]
+
+
+def jit_train_step(run: Setup, config: ml_collections.ConfigDict, static: Hashable = None):
+    """The `jax.jit` train step of variant `static` with its shardings (state donated)."""
+    replicated = sharding_lib.replicated(run.mesh)
+    return jax.jit(
+        make_train_step(run.task, run.txs, config.train, run.mesh, run.fixed_norm_mask, static),
+        in_shardings=(run.shardings, replicated, sharding_lib.batch_sharding(run.mesh),
+                      replicated),
+        out_shardings=(run.shardings, replicated),
+        donate_argnums=(0,),
+    )
 
 
 def abstract_state(run: Setup) -> state_lib.TrainState:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from tokenizers_jax import layer_stack
+
 
 class FreezeState(NamedTuple):
     count: jax.Array  # int32 [], number of updates seen
@@ -147,21 +149,34 @@ def make_optimizer(
     return freeze_after(tx, optim_config.freeze_after, freeze_mask)
 
 
+def _norm(w: jax.Array, stacked: bool) -> jax.Array:
+    """fp32 Frobenius norm of a leaf: [], or [depth] (one per block) for stacked blocks."""
+    w32 = w.astype(jnp.float32)
+    if stacked:
+        return jnp.linalg.norm(w32.reshape(w32.shape[0], -1), axis=1)
+    return jnp.linalg.norm(w32.ravel())
+
+
 def frobenius_norms(params: Any) -> Any:
-    """A float32 [] Frobenius norm per leaf (the reference norms of fix_initial_norms)."""
-    return jax.tree.map(lambda w: jnp.linalg.norm(w.astype(jnp.float32).ravel()), params)
+    """The Frobenius norm of every leaf (the reference norms of fix_initial_norms), fp32: []
+    per leaf, or [depth] for the leaves of stacked blocks (`layer_stack`), one per block."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, w: _norm(w, layer_stack.is_stacked_path(path)), params)
 
 
 def renormalize(params: Any, reference_norms: Any, mask: Any) -> Any:
-    """W <- W * |W_0|_F / |W|_F for the leaves where `mask` is True (in fp32)."""
+    """W <- W * |W_0|_F / |W|_F for the leaves where `mask` is True (in fp32; per block for
+    stacked blocks)."""
 
-    def rescale(w, norm0, selected):
+    def rescale(path, w, norm0, selected):
         if not selected:
             return w
+        stacked = layer_stack.is_stacked_path(path)
+        scale = norm0 / _norm(w, stacked)
         w32 = w.astype(jnp.float32)
-        return (w32 * (norm0 / jnp.linalg.norm(w32.ravel()))).astype(w.dtype)
+        return (w32 * scale.reshape(scale.shape + (1,) * (w.ndim - scale.ndim))).astype(w.dtype)
 
-    return jax.tree.map(rescale, params, reference_norms, mask)
+    return jax.tree_util.tree_map_with_path(rescale, params, reference_norms, mask)
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, decay: float, every: int) -> Any:

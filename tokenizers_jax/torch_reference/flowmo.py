@@ -1,5 +1,5 @@
 """Independent PyTorch reference of FlowMo (arXiv:2503.11056), written from the behavioural
-spec /work/shared/specs/flowmo.md (not from the JAX port).
+spec of the original code (not from the JAX port).
 
 Eager fp32, no autocast. Module names follow the original release so that `state_dict()` has
 exactly the original key names (spec section 9), e.g.
