@@ -112,3 +112,40 @@ def test_matmul_flops_count_every_scan_iteration_and_mfu_needs_a_known_peak():
     assert timing.matmul_flops(ten_products, x, w) == 10 * 2 * 4 * 6 * 6
     assert timing.peak_flops_per_second() is None  # CPU: no MFU
     assert timing.PEAK_BF16_FLOPS["TPU v4"] == 275e12
+
+
+def test_compare_torch_generator_samples_on_both_sides():
+    config = load_config("configs/detailflow_ar.py:tiny")
+    config.unlock()
+    config.model.depth = 1
+    result = benchmark_torch.run("detailflow_ar", config, batch_size=2, rounds=2)
+    r = result["workloads"]["generate"]
+    assert len(r["ours_seconds_per_call_rounds"]) == len(r["torch_seconds_per_call_rounds"]) == 2
+    assert r["ratio"] == pytest.approx(np.median(r["torch_seconds_per_call_rounds"])
+                                       / np.median(r["ours_seconds_per_call_rounds"]))
+    assert r["flops_per_call"] > 0 and r["output_difference"] is None
+
+
+def test_torch_reference_generation_draws_valid_tokens_from_the_filtered_logits():
+    torch = pytest.importorskip("torch")
+    from tokenizers_jax.convert import detailflow_gpt as convert_gpt
+    from tokenizers_jax.models import gpt
+    from tokenizers_jax.torch_reference.detailflow_gpt import TorchGPT
+
+    config = load_config("configs/detailflow_ar.py:tiny")
+    m = config.model
+    params = gpt.init_params(config, jax.random.PRNGKey(0))
+    # The output layer is zero-initialised (all logits tie); give it random weights.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.random.normal(jax.random.PRNGKey(1), x.shape)
+        if "output" in jax.tree_util.keystr(path) else x, params)
+    reference = TorchGPT(convert_gpt.params_to_state_dict(params, config),
+                         num_tokens=m.num_tokens, group_size=m.group_size,
+                         causal_num=m.causal_num, num_heads=m.num_heads,
+                         num_classes=m.num_classes)
+    torch.manual_seed(0)
+    tokens = reference.generate([0, 1, 2], cfg=1.5, top_k=1).numpy()
+    assert tokens.shape == (3, m.num_tokens)
+    # top_k = 1 is greedy: each token is the argmax of the guided logits given its prefix.
+    logits = reference.guided_generation_logits([0, 1, 2], tokens, cfg=1.5).numpy()
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))

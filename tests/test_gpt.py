@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from reference.detailflow_gpt_torch import TorchGPT, top_k_top_p_filtering  # noqa: E402
+from tokenizers_jax.torch_reference.detailflow_gpt import TorchGPT, top_k_top_p_filtering  # noqa: E402
 
 from tokenizers_jax import sampling  # noqa: E402
 from tokenizers_jax.config_file import load_config  # noqa: E402

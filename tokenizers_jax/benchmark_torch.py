@@ -4,6 +4,9 @@
               reference loss, backward and torch.optim.Adam)
   flowmo      the FlowMo reconstruction (encode, LFQ, the config's sampler)
   detailflow  DetailFlow encode (to indices) and decode (every token, full resolution)
+  detailflow_ar  DetailFlow's GPT sampling all N tokens of a class-conditional batch with the
+              config's sampler (ours: the cached parallel group decoder; PyTorch: the
+              original's `generate_group_par` loop, which re-runs the whole prefix each pass)
 
 Both sides run the same weights (ours, through the importers' inverse) on the same inputs
 and batch; PyTorch (`tokenizers_jax.torch_reference`, eager fp32) uses as many threads as the
@@ -22,6 +25,7 @@ under the benchmark name it compares (e.g. the DetailFlow generator).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -238,11 +242,52 @@ def detailflow_encode_decode(config: ml_collections.ConfigDict,
     ]
 
 
+# ------------------------------------------------------------------------------------------
+# DetailFlow's GPT
+# ------------------------------------------------------------------------------------------
+def detailflow_ar_generate(config: ml_collections.ConfigDict,
+                           batch_size: int) -> list[Workload]:
+    """Sampling N tokens per image for `batch_size` labels (random draws differ between the
+    sides, so their outputs are not compared; tests/test_gpt.py compares their logits)."""
+    # pylint: disable=import-outside-toplevel
+    from tokenizers_jax import sampling
+    from tokenizers_jax.convert import detailflow_gpt as convert_gpt
+    from tokenizers_jax.models import gpt, group_decoding
+    from tokenizers_jax.torch_reference.detailflow_gpt import TorchGPT
+
+    _check_float32(config)
+    m = config.model
+    model = gpt.model_from_config(config)
+    params = gpt.init_params(config, jax.random.PRNGKey(config.seed))
+    settings = group_decoding.SamplerSettings.from_config(config.sampler, m.vocab_size)
+    labels = jnp.arange(batch_size, dtype=jnp.int32) % m.num_classes
+    keys = sampling.sample_keys(config.seed, 0, batch_size)
+    dynamic = (params, labels, keys, settings.cfg, settings.temperature)
+    static = dict(top_k=settings.top_k, top_p=settings.top_p, gradual_cfg=settings.gradual_cfg)
+    sample = jax.jit(functools.partial(group_decoding.sample_cached, model),
+                     static_argnames=tuple(static))
+    compiled, compile_s = timing.compile_seconds(sample, *dynamic, **static)
+    flops = timing.matmul_flops(lambda *a: sample(*a, **static), *dynamic)
+    reference = TorchGPT(convert_gpt.params_to_state_dict(params, config),
+                         num_tokens=m.num_tokens, group_size=m.group_size,
+                         causal_num=m.causal_num, num_heads=m.num_heads,
+                         num_classes=m.num_classes)
+    torch_labels = np.asarray(labels)
+
+    def theirs():
+        return reference.generate(torch_labels, settings.cfg, settings.temperature,
+                                  settings.top_k, settings.top_p, settings.gradual_cfg)
+
+    return [Workload("generate", lambda: jax.block_until_ready(compiled(*dynamic)[0]), theirs,
+                     batch_size, compile_s, flops)]
+
+
 # Benchmark name -> the workloads it compares.
 WORKLOADS: dict[str, Callable[[ml_collections.ConfigDict, int], list[Workload]]] = {
     "train": flowmo_train_step,
     "flowmo": flowmo_reconstruct,
     "detailflow": detailflow_encode_decode,
+    "detailflow_ar": detailflow_ar_generate,
 }
 
 

@@ -3,6 +3,7 @@ and the eager-PyTorch side of `python -m tokenizers_jax.benchmark ... --compare-
 
   flowmo      FlowMo (written from the behavioural spec, original module and key names).
   detailflow  the DetailFlow forward on a state dict with the original key names.
+  detailflow_gpt  DetailFlow's GPT: forward, guided generation logits and sampling.
 
 They need PyTorch (`pip install -e ".[test]"`, CPU build is enough). Importing this package
 does not import torch; importing a submodule does (`import_torch` gives a clear error).

@@ -1,8 +1,9 @@
 """A PyTorch reference of DetailFlow's GPT (spec 6) on the original's state-dict names, written
-from the spec for the tests: the eval-mode forward of the original's `Transformer` (group
-layout, block mask, 2D RoPE with the zero cls row, SwiGLU, RMSNorm), its
-`top_k_top_p_filtering`, and the guided logits of its `generate_group_par` loop (CFG batch
-[cond ; null], full prefix re-run every pass) for a given token sequence.
+from the spec: the eval-mode forward of the original's `Transformer` (group layout, block
+mask, 2D RoPE with the zero cls row, SwiGLU, RMSNorm), its `top_k_top_p_filtering`, and its
+`generate_group_par` loop (CFG batch [cond ; null], the full prefix re-run every pass): the
+guided logits for a given token sequence (the tests) and sampling (the eager side of
+`python -m tokenizers_jax.benchmark detailflow_ar --compare-torch`).
 """
 
 import numpy as np
@@ -98,23 +99,41 @@ class TorchGPT:
             x = x + (F.silu(h @ w1.T) * (h @ w3.T)) @ w2.T
         return (rms_norm(x, sd["norm.weight"], self.eps) @ sd["output.weight"].T).float()
 
+    def _passes(self, cfg, gradual_cfg):
+        """The generation passes: (first token, token count, CFG scale) (spec 6.3)."""
+        groups = self.n // self.g
+        for i in range(self.c):
+            yield i, 1, cfg
+        for k in range(self.c // self.g, groups):
+            yield k * self.g, self.g, cfg * (groups - k + 1) / (groups + 1) if gradual_cfg else cfg
+
+    def _guided(self, labels, prefix, count, scale):
+        """u + (c - u) s of the last `count` logits, the batch run as [cond ; null]."""
+        both = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        logits = self.forward(both, torch.cat([prefix, prefix]))[:, -count:]
+        cond, uncond = torch.split(logits, len(logits) // 2, dim=0)
+        return uncond + (cond - uncond) * scale
+
     def guided_generation_logits(self, labels, tokens, cfg, gradual_cfg=False):
         """The guided logits every token of `tokens` [B, N] is drawn from in the original's
         `generate_group_par` (teacher-forced with these tokens): fp32 [B, N, V]."""
         labels = torch.tensor(np.array(labels)).long()
         tokens = torch.tensor(np.array(tokens)).long()
-        both = torch.cat([labels, torch.full_like(labels, self.num_classes)])
-        groups = self.n // self.g
         out = torch.zeros(tokens.shape[0], self.n, self.sd["output.weight"].shape[0])
-
-        def guided(prefix, count, scale):
-            logits = self.forward(both, torch.cat([prefix, prefix]))[:, -count:]
-            cond, uncond = torch.split(logits, len(logits) // 2, dim=0)
-            return uncond + (cond - uncond) * scale
-
-        for i in range(self.c):
-            out[:, i:i + 1] = guided(tokens[:, :i], 1, cfg)
-        for k in range(self.c // self.g, groups):
-            scale = cfg * (groups - k + 1) / (groups + 1) if gradual_cfg else cfg
-            out[:, k * self.g:(k + 1) * self.g] = guided(tokens[:, :k * self.g], self.g, scale)
+        for start, count, scale in self._passes(cfg, gradual_cfg):
+            out[:, start:start + count] = self._guided(labels, tokens[:, :start], count, scale)
         return out
+
+    @torch.no_grad()
+    def generate(self, labels, cfg, temperature=1.0, top_k=0, top_p=1.0, gradual_cfg=False):
+        """The original's sampling: labels [B] -> tokens [B, N], each pass re-running the whole
+        prefix, tokens drawn with torch.multinomial from softmax(filtered logits / T)."""
+        labels = torch.tensor(np.array(labels)).long()
+        tokens = torch.zeros(labels.shape[0], 0, dtype=torch.long)
+        for start, count, scale in self._passes(cfg, gradual_cfg):
+            logits = self._guided(labels, tokens[:, :start], count, scale) / max(temperature,
+                                                                                 1e-5)
+            probs = F.softmax(top_k_top_p_filtering(logits, top_k, top_p), dim=-1)
+            drawn = torch.multinomial(probs.flatten(0, 1), 1).reshape(labels.shape[0], count)
+            tokens = torch.cat([tokens, drawn], dim=1)
+        return tokens
