@@ -294,4 +294,4 @@ def test_short_run_resumes_exactly_with_the_discriminator_state(tmp_path):
         for x, y in zip(jax.tree.leaves(getattr(a, part)), jax.tree.leaves(getattr(b, part))):
             np.testing.assert_array_equal(x, y, err_msg=part)
     window = np.asarray(a.variables["codebook_window"])
-    assert np.sum(window >= 0) == 6 * 4 * 8  # six steps of four images of eight tokens
+    assert window.shape == (64,) and np.all(window >= 0)  # 6 steps x 4 images x 8 tokens > 64
