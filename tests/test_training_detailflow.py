@@ -73,7 +73,7 @@ def _objective_fns(task, variant):
 
 @pytest.fixture(scope="module")
 def objectives(task):
-    return _objective_fns(task, StepVariant(grid=2, correction=True, degraded=True))
+    return _objective_fns(task, StepVariant(grid=2, correction=True))
 
 
 def test_host_draws_are_per_step_and_follow_the_prefix_rules(task):
@@ -86,15 +86,14 @@ def test_host_draws_are_per_step_and_follow_the_prefix_rules(task):
         variant, draws = task.host_draws(step)
         t, noise = int(draws["num_tokens"]), int(draws["noise_idx"])
         full += t == res.num_tokens
-        assert variant == StepVariant(res.output_grid(t), t > 1, t < res.num_tokens)
+        assert variant == StepVariant(res.output_grid(t), t > 1)
         assert int(draws["step"]) == step
         if variant.correction:  # the perturbed token or group ends inside the prefix
             assert noise + res.noise_count(noise) <= t
-        if variant.degraded:
-            np.testing.assert_array_equal(draws["degrade"], resize.degrade_matrix(
-                16, res.resolution(t), res.output_resolution(t)).astype(np.float32))
-        else:
-            assert "degrade" not in draws
+        np.testing.assert_array_equal(draws["degrade"], resize.degrade_matrix(
+            16, res.resolution(t), res.output_resolution(t)).astype(np.float32))
+        if t == res.num_tokens:  # the full image itself: the identity
+            np.testing.assert_array_equal(draws["degrade"], np.eye(16))
     assert 0.75 < full / 600 < 0.85  # spec 2: P(t = N) = 0.8
 
 
@@ -219,7 +218,7 @@ def test_discriminator_loss_restates_spec_5(task, networks, objectives, step):
 
 def test_prefix_one_has_no_correction_pass(task, networks):
     """Spec 9.2: at t = 1 the decoder batch is B (no self-correction), the target not doubled."""
-    generator, _ = _objective_fns(task, StepVariant(grid=1, correction=False, degraded=True))
+    generator, _ = _objective_fns(task, StepVariant(grid=1, correction=False))
     res = task.res_map
     draws = dict(_draws(task, 0), num_tokens=np.int32(1), degrade=resize.degrade_matrix(
         16, res.resolution(1), 8).astype(np.float32))

@@ -9,9 +9,10 @@ indices}. Frozen constants: LPIPS-VGG, the DINO trunk, the SigLIP2 teacher.
 Host draws, one per step for the whole batch (spec 2, 3; `np.random.default_rng([seed,
 step])`): the prefix length t (t = N with probability 1 - degradation.prob), the
 self-correction noise index (none at t = 1) and the degradation matrix (area to R(t), bicubic
-to the output size). The static variant `StepVariant(grid, correction, degraded)` picks the
-decoder output grid and whether the 2B correction batch and the degraded target exist, so one
-step is compiled per variant (about 17 for DetailFlow-16).
+to the output size; the identity at t = N, whose R(N) = R). The static variant
+`StepVariant(grid, correction)` picks the decoder output grid and whether the 2B correction
+batch exists, so one step is compiled per variant (15 for DetailFlow-16: one per output size,
+and t = 1).
 
 Objectives of a micro-batch, in order:
   generator      MSE + w_p LPIPS (dropout on) + w_d hinge_G(D(DiffAug(x_hat))) + vq + commit
@@ -69,7 +70,6 @@ class StepVariant(NamedTuple):
 
     grid: int  # decoder output grid side G (output G * patch pixels square)
     correction: bool  # the self-correction pass and the 2B decoder batch (False only at t = 1)
-    degraded: bool  # the target is degraded to R(t) (False only at t = N)
 
 
 def prefix_target(images: jax.Array, res_map: ResolutionMap, num_tokens: int) -> jax.Array:
@@ -267,15 +267,12 @@ class DetailFlowTask(Task):
         res_map = self.res_map
         t = draw_prefix_length(res_map, rng, self.config.degradation.prob)
         noise_idx = draw_noise_index(res_map, rng, t, self.config.correction.prob)
-        variant = StepVariant(res_map.output_grid(t), noise_idx is not None,
-                              t < res_map.num_tokens)
-        draws = {"step": np.int32(step), "num_tokens": np.int32(t),
-                 "noise_idx": np.int32(noise_idx or 0)}
-        if variant.degraded:
-            size = res_map.image_size
-            draws["degrade"] = resize.degrade_matrix(size, res_map.resolution(t),
-                                                     res_map.output_resolution(t)).astype(np.float32)
-        return variant, draws
+        variant = StepVariant(res_map.output_grid(t), noise_idx is not None)
+        # [S, R]: area to R(t), bicubic to S; at t = N exactly the identity (R(N) = S = R).
+        degrade = resize.degrade_matrix(res_map.image_size, res_map.resolution(t),
+                                        res_map.output_resolution(t)).astype(np.float32)
+        return variant, {"step": np.int32(step), "num_tokens": np.int32(t),
+                         "noise_idx": np.int32(noise_idx or 0), "degrade": degrade}
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -318,9 +315,7 @@ class DetailFlowTask(Task):
             images = images_to_float(batch["image"])
             recon, codebook, commitment, indices, codes, first = self._reconstruct(
                 params[MODEL], images, draws, variant, ranks_key)
-            target = images
-            if variant.degraded:
-                target = resize.apply_resize_matrices(images, draws["degrade"], draws["degrade"])
+            target = resize.apply_resize_matrices(images, draws["degrade"], draws["degrade"])
             if variant.correction:
                 target = jnp.concatenate([target, target], axis=0)
             reconstruction = jnp.mean(jnp.square(recon - target))
