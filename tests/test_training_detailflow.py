@@ -9,6 +9,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -226,6 +227,39 @@ def test_prefix_one_has_no_correction_pass(task, networks):
     _, output = jax.eval_shape(generator, params, networks.variables, draws,
                                {"image": _images()}, jax.random.PRNGKey(0))
     assert output.carry[0].shape == output.carry[1].shape == (BATCH, 8, 8, 3)
+
+
+def test_pretrained_encoder_from_siglip2_and_discriminator_from_a_release(task, networks,
+                                                                          tmp_path):
+    """Spec 1.1: a fresh run's encoder is SigLIP2's first layers; a release's discriminator
+    heads (convert detailflow --discriminator) start the partner and its state."""
+    from tokenizers_jax import exported
+
+    config = micro_detailflow_config()
+    config.train.update(allow_random_init_networks=False, siglip2_weights=str(tmp_path / "no"))
+    with pytest.raises(FileNotFoundError, match="(?s)encoder_from_siglip2 needs the SigLIP2 so400m "
+                                                "weights in .*no.*convert siglip2"):
+        DetailFlowTask(config)
+
+    siglip2_dir, heads_dir = str(tmp_path / "siglip2"), str(tmp_path / "heads")
+    exported.save_model_dir(siglip2_dir, ml_collections.ConfigDict({"model": {"name": "siglip2"}}),
+                            task.constants["teacher"])
+    heads = {"params": networks.partners[DISCRIMINATOR], **networks.variables[DISCRIMINATOR]}
+    exported.save_model_dir(heads_dir, ml_collections.ConfigDict(
+        {"model": {"name": disc.NAME}}), heads)
+    config.train.update(allow_random_init_networks=True, siglip2_weights=siglip2_dir,
+                        discriminator_init=heads_dir)
+    config.loss.perceptual_weight = 0.0
+    pretrained = DetailFlowTask(config).pretrained()
+    vit = pretrained.params["encoder"]["vit"]
+    assert sorted(vit) == ["layers_0", "patch_embedding", "position_embedding", "post_layernorm"]
+    for a, b in zip(jax.tree.leaves(vit), jax.tree.leaves(
+            {k: task.constants["teacher"][k] for k in vit})):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves((pretrained.partners, pretrained.variables)),
+                    jax.tree.leaves(({DISCRIMINATOR: heads["params"]},
+                                     {DISCRIMINATOR: networks.variables[DISCRIMINATOR]}))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_grid_prefix_lengths_are_coarse_to_fine():

@@ -78,6 +78,7 @@ from tokenizers_jax.detailflow_resolution import ResolutionMap
 from tokenizers_jax.models import detailflow, flowmo
 from tokenizers_jax.perceptual import inception, lpips
 from tokenizers_jax.quantizers.vq import draw_neighbour_ranks
+from tokenizers_jax.tasks.detailflow import grid_prefix_lengths, prefix_target, upsample_nearest
 from tokenizers_jax.tasks.flowmo import images_to_float
 from tokenizers_jax.training import checkpoint, sharding
 from tokenizers_jax.training.writer import MetricWriter, image_grid
@@ -175,10 +176,6 @@ def detailflow_noise_indices(res_map: ResolutionMap) -> tuple[int, ...]:
 def detailflow_reconstructor(config: ml_collections.ConfigDict) -> Reconstructor:
     """DetailFlow: VQ indices of log2(K) bits, all N tokens decoded at full size; the prefix
     curve and the noisy-eval variants of `eval` (see the module docstring)."""
-    # pylint: disable=import-outside-toplevel
-    from tokenizers_jax.tasks.detailflow import (grid_prefix_lengths, prefix_target,
-                                                 upsample_nearest)
-
     model = detailflow.model_from_config(config)
     m, ev = config.model, config.eval
     res_map = ResolutionMap.from_config(m)

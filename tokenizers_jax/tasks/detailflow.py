@@ -161,6 +161,7 @@ class DetailFlowTask(Task):
                                              dtype=dtype)
         self.teacher = detailflow.teacher_from_config(config)
         self._siglip2 = None  # SigLIP2 params, loaded once (teacher and encoder init)
+        self._check_pretrained_dirs()
         self._constants = self._load_constants()
 
     # --- frozen networks ------------------------------------------------------------------
@@ -172,6 +173,21 @@ class DetailFlowTask(Task):
         path = self.config.train.siglip2_weights
         return os.path.abspath(os.path.expanduser(
             path or perceptual_common.default_weights_dir(SIGLIP2)))
+
+    def _check_pretrained_dirs(self):
+        """Fails at start-up (before anything is written) when `pretrained` would lack files."""
+        train = self.config.train
+        if (train.encoder_from_siglip2 and not self._random_init()
+                and not exported.is_model_dir(self._siglip2_dir())):
+            raise FileNotFoundError(
+                f"train.encoder_from_siglip2 needs the SigLIP2 so400m weights in "
+                f"{self._siglip2_dir()}.\n" + siglip2_how_to_get(self._siglip2_dir())
+                + "\nOr set --config.train.encoder_from_siglip2=False.")
+        if train.discriminator_init and not exported.is_model_dir(train.discriminator_init):
+            raise FileNotFoundError(
+                f"train.discriminator_init: no converted discriminator in "
+                f"{train.discriminator_init}; write one with `python -m tokenizers_jax.convert "
+                "detailflow --checkpoint 128.pt ... --discriminator` (OUTPUT/discriminator)")
 
     def _load_siglip2(self) -> Any:
         if self._siglip2 is None:
@@ -243,14 +259,9 @@ class DetailFlowTask(Task):
                 vit = encoder_params_from_siglip2(self._load_siglip2(),
                                                   self.config.model.encoder.depth)
                 params = {"encoder": {"vit": vit}}
-            elif self._random_init():
+            else:  # allowed by train.allow_random_init_networks (_check_pretrained_dirs)
                 logging.warning("train.encoder_from_siglip2: no SigLIP2 weights in %s; the "
                                 "encoder starts from a random init", self._siglip2_dir())
-            else:
-                raise FileNotFoundError(
-                    f"train.encoder_from_siglip2 needs the SigLIP2 so400m weights in "
-                    f"{self._siglip2_dir()}.\n" + siglip2_how_to_get(self._siglip2_dir())
-                    + "\nOr set --config.train.encoder_from_siglip2=False.")
         if train.discriminator_init:
             loaded = disc.load_discriminator_variables(train.discriminator_init, self.heads,
                                                        self.dino.width)
