@@ -25,9 +25,11 @@ NUM_EXAMPLES = 3  # batches of 2: one padding row
 
 
 def eval_config():
+    """Prefix lengths 4 and 8 only: every output is 16 px, so the Inception / LPIPS metrics
+    compile once (the 8 px prefixes are evaluated by the slow CLI test)."""
     config = micro_detailflow_config()
     config.data.num_eval_examples = NUM_EXAMPLES
-    config.eval.update(batch_size=2, grid_size=2)
+    config.eval.update(batch_size=2, grid_size=2, prefix_lengths=(4, 8))
     return config
 
 
@@ -82,21 +84,36 @@ def test_headline_metrics_and_the_originals_compatibility_values(evaluated):
     assert np.isfinite(result["lpips_vgg"]) and result["random_init_networks"] is True
 
 
+def test_variants_of_the_config():
+    config = eval_config()
+    config.eval.prefix_lengths = ()  # every allowed prefix length
+    variants = evaluation.detailflow_reconstructor(config).variants
+    assert [v.name for v in variants] == ["prefix_1", "prefix_2", "prefix_3", "prefix_4",
+                                          "prefix_8", "noise_0", "noise_4"]
+    assert [v.info["output_size"] for v in variants[:5]] == [8, 8, 8, 16, 16]
+    config.eval.update(prefix_curve=False, noisy=False)
+    assert evaluation.detailflow_reconstructor(config).variants == ()
+    config.eval.update(prefix_curve=True, prefix_lengths=(5,))
+    with pytest.raises(ValueError, match=r"eval.prefix_lengths \[5\] are not allowed prefix "
+                                         r"lengths; choose from \(1, 2, 3, 4, 8\)"):
+        evaluation.detailflow_reconstructor(config)
+
+
 def test_prefix_curve_at_r_of_n_against_the_degraded_targets(evaluated):
     config, model_dir, _, result = evaluated
     res_map = ResolutionMap.from_config(config.model)
     curve = result["prefix_curve"]
-    assert [e["num_tokens"] for e in curve] == list(res_map.prefix_lengths()) == [1, 2, 3, 4, 8]
-    assert [e["output_size"] for e in curve] == [8, 8, 8, 16, 16]
-    assert [e["resolution"] for e in curve] == [res_map.resolution(n) for n in (1, 2, 3, 4, 8)]
-    assert curve[0]["lpips_vgg"] is None and np.isfinite(curve[3]["lpips_vgg"])
+    assert [e["num_tokens"] for e in curve] == [4, 8]
+    assert [e["output_size"] for e in curve] == [16, 16]
+    assert [e["resolution"] for e in curve] == [res_map.resolution(n) for n in (4, 8)] == [9, 16]
+    assert np.isfinite(curve[0]["lpips_vgg"])
     full = curve[-1]  # all tokens against the image itself: the headline numbers
     np.testing.assert_allclose(full["psnr"], result["psnr"], rtol=1e-6)
     np.testing.assert_allclose(full["rfid"], result["rfid"], rtol=1e-6)
     images = _images(config)
     tokenizer = api.load_tokenizer(model_dir)
     x = jnp.asarray(images, jnp.float32) / 127.5 - 1
-    for entry in curve[:4]:
+    for entry in curve[:1]:
         n = entry["num_tokens"]
         decoded = tokenizer.decode(tokenizer.encode(images), num_tokens=n)
         assert decoded.shape[1] == entry["output_size"]
@@ -167,6 +184,9 @@ def test_evaluate_cli_on_a_training_workdir(tmp_path):
         result = json.load(f)
     assert result["step"] == 2 and result["num_examples"] == 4
     assert [e["num_tokens"] for e in result["prefix_curve"]] == [1, 8]
+    assert [e["output_size"] for e in result["prefix_curve"]] == [8, 16]
+    assert result["prefix_curve"][0]["lpips_vgg"] is None  # VGG needs 16 px
+    assert np.isfinite(result["prefix_curve"][0]["rfid"])
     assert [e["noise_idx"] for e in result["noisy"]] == [0, 4]
     for name in ("rfid", "psnr", "ssim", "lpips_vgg", "ssim_detailflow_compat",
                  "codebook_usage"):

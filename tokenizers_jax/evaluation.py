@@ -260,7 +260,7 @@ class _Compiled(NamedTuple):
     reconstructor: Reconstructor
     main: Callable  # make_eval_step
     variants: tuple[Callable, ...]  # make_variant_step, per variant
-    variant_metrics: Callable  # image_metrics
+    image_metrics: Callable  # image_metrics, for the main reconstruction and the variants
     grid: Callable | None  # Reconstructor.grid
 
 
@@ -359,23 +359,21 @@ def image_metrics(inception_params: Any, lpips_params: Any, targets: jax.Array,
 
 
 def make_eval_step(reconstructor: Reconstructor, seed: int):
-    """(params, inception params, lpips params, uint8 images [B, S, S, 3], mask [B], first
-    example index []) -> (per-batch outputs, reconstructions [B, S, S, 3] in [-1, 1],
-    indices [B, tokens_per_image]).
+    """(params, uint8 images [B, S, S, 3], mask [B], first example index []) -> (per-batch
+    outputs, images and reconstructions [B, S, S, 3] in [-1, 1], indices [B, tokens_per_image]).
 
-    Outputs: mask [B]; the `image_metrics`; code_counts [codebook_size] over the unmasked
-    rows; compat_psnr, compat_valid [B / 5] for FlowMo's batch PSNR when B % 5 == 0.
+    Outputs: mask [B]; code_counts [codebook_size] over the unmasked rows; compat_psnr,
+    compat_valid [B / 5] for FlowMo's batch PSNR when B % 5 == 0. The `image_metrics` are a
+    separate step, shared with the variants (one compilation per image size).
     """
 
-    def step(params, inception_params, lpips_params, images_uint8, mask, first_index):
+    def step(params, images_uint8, mask, first_index):
         images = images_to_float(images_uint8)
         noise = example_noise(seed, first_index, images.shape)
         indices, reconstructions = reconstructor.reconstruct(params, images, noise)
         weights = jnp.broadcast_to(mask[:, None], indices.shape).astype(jnp.int32)
         counts = jnp.zeros(reconstructor.codebook_size, jnp.int32).at[indices].add(weights)
-        outputs = dict(mask=mask, code_counts=counts,
-                       **image_metrics(inception_params, lpips_params, images, reconstructions,
-                                       reconstructor.compat))
+        outputs = dict(mask=mask, code_counts=counts)
         batch = images.shape[0]
         if reconstructor.batch_psnr_compat and batch % COMPAT_GROUP == 0:
             images01, reconstructions01 = (images + 1) / 2, (reconstructions + 1) / 2
@@ -383,7 +381,7 @@ def make_eval_step(reconstructor: Reconstructor, seed: int):
             outputs["compat_psnr"] = jax.vmap(metrics.batch_psnr_compat)(
                 grouped(images01), grouped(reconstructions01))
             outputs["compat_valid"] = jnp.all(grouped(mask), axis=1)
-        return outputs, reconstructions, indices
+        return outputs, images, reconstructions, indices
 
     return step
 
@@ -483,23 +481,23 @@ class Evaluator:
             step = make_eval_step(reconstructor, config.eval.seed)
             batch, replicated = self._batch, self._replicated
             # Outputs replicated: every process reads the whole global batch's metrics.
-            main = jax.jit(
-                step, in_shardings=(replicated, replicated, replicated, batch, batch, replicated),
-                out_shardings=(replicated, batch, batch))
+            main = jax.jit(step, in_shardings=(replicated, batch, batch, replicated),
+                           out_shardings=(replicated, batch, batch, batch))
             variants = tuple(
                 jax.jit(make_variant_step(variant, index + 1, config.eval.seed),
                         in_shardings=(replicated, batch, batch, replicated),
                         out_shardings=(batch, batch))
                 for index, variant in enumerate(reconstructor.variants))
-            # One metrics function for every variant (compiled once per output size).
-            variant_metrics = jax.jit(
+            # One metrics function for all (compiled once per image size).
+            image_metrics_step = jax.jit(
                 functools.partial(image_metrics, compat=reconstructor.compat),
                 in_shardings=(replicated, replicated, batch, batch), out_shardings=replicated)
             grid = None
             if reconstructor.grid is not None:
                 grid = jax.jit(reconstructor.grid, in_shardings=(replicated, batch),
                                out_shardings=replicated)
-            self._compiled[key] = _Compiled(reconstructor, main, variants, variant_metrics, grid)
+            self._compiled[key] = _Compiled(reconstructor, main, variants, image_metrics_step,
+                                            grid)
         return self._compiled[key]
 
     def run(self, checkpoint_dir: str, output_dir: str, step: int | None = None) -> dict:
@@ -536,14 +534,16 @@ class Evaluator:
             images, mask = sharding.global_batch((local_batch["image"], local_batch["mask"]),
                                                  self.mesh)
             first_index = sharding.replicate(np.int32(index * batch_size), self.mesh)
-            outputs, recon, indices = compiled.main(params, self.inception_params,
-                                                    self.lpips_params, images, mask, first_index)
+            outputs, images_float, recon, indices = compiled.main(params, images, mask,
+                                                                  first_index)
             outputs = jax.device_get(outputs)
             valid = outputs["mask"]
+            outputs.update(jax.device_get(compiled.image_metrics(
+                self.inception_params, self.lpips_params, images_float, recon)))
             totals.update(outputs, valid)
             for variant_step, variant_total in zip(compiled.variants, variant_totals):
                 targets, variant_recon = variant_step(params, images, indices, first_index)
-                variant_total.update(jax.device_get(compiled.variant_metrics(
+                variant_total.update(jax.device_get(compiled.image_metrics(
                     self.inception_params, self.lpips_params, targets, variant_recon)), valid)
             if sum(len(x) for x in originals) < grid_size:
                 batch_rows = recon[None] if compiled.grid is None else compiled.grid(params,
