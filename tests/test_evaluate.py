@@ -13,7 +13,6 @@ import pytest
 
 from conftest import small_flowmo_config
 from tokenizers_jax import api, data, evaluation, exported, metrics
-from tokenizers_jax.config_file import load_config
 from tokenizers_jax.models import flowmo
 from tokenizers_jax.training import checkpoint
 from tokenizers_jax.training.state import state_from_params
@@ -66,10 +65,11 @@ def test_missing_checkpoint_or_unsupported_model_fail_before_any_work(tmp_path):
     with pytest.raises(FileNotFoundError, match="is neither a model directory .* nor a training "
                                                 "workdir .*: it has no config.json"):
         evaluation.evaluate(config, str(tmp_path), str(tmp_path / "out"))
-    detailflow = load_config("configs/detailflow.py:tiny")
-    with pytest.raises(ValueError, match="evaluation is not supported yet for detailflow; "
-                                         "supported models: flowmo"):
-        evaluation.evaluate(detailflow, str(tmp_path), str(tmp_path / "out"))
+    unknown = eval_config()
+    unknown.model.name = "maskgit"
+    with pytest.raises(ValueError, match="evaluation is not supported yet for maskgit; "
+                                         "supported models: detailflow, flowmo"):
+        evaluation.evaluate(unknown, str(tmp_path), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 
 

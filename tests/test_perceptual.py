@@ -72,6 +72,38 @@ def test_lpips_matches_torch(torch_lpips):
     np.testing.assert_array_equal(np.asarray(lpips.lpips_distance(params, x, x)), 0.0)
 
 
+class _FixedDropout(torch.nn.Module):
+    """torch's training-mode Dropout(0.5) with a given keep mask: x * mask / 0.5."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.keep = keep
+
+    def forward(self, x):
+        return x * self.keep / 0.5
+
+
+def test_lpips_training_dropout_matches_torch_with_the_same_masks(torch_lpips):
+    """Training mode (DetailFlow's generator loss): each head's squared difference is dropped
+    elementwise and doubled before its 1x1 conv, with the masks of `dropout_keep`."""
+    x = images((2, 32, 32, 3), 5)
+    y = np.clip(x + images((2, 32, 32, 3), 6, -0.3, 0.3), -1, 1)
+    params = lpips_params_from_torch(*split_lpips_state_dict(torch_lpips))
+    key = jax.random.key(3)
+    ours = jax.jit(lpips.lpips_distance)(params, x, y, key)
+    model = ref.LPIPSVGG().eval()
+    model.load_state_dict(torch_lpips.state_dict())
+    with torch.no_grad():
+        for k, tap in enumerate(model.taps(nchw(x))):
+            shape = (2, tap.shape[2], tap.shape[3], tap.shape[1])  # NHWC, as ours
+            keep = np.asarray(lpips.dropout_keep(key, k, shape), np.float32)
+            getattr(model, f"lin{k}").model[0] = _FixedDropout(nchw(keep))
+        expected = model(nchw(x), nchw(y)).numpy()
+    assert_close(ours, expected, rtol=1e-5)
+    eval_mode = lpips.lpips_distance(params, x, y)
+    assert np.all(np.abs(np.asarray(ours) - np.asarray(eval_mode)) > 1e-6 * np.asarray(eval_mode))
+
+
 def test_lpips_gradient_matches_torch(torch_lpips):
     """The loss is differentiated w.r.t. the reconstruction in training."""
     x, y = images((1, 32, 32, 3), 10), images((1, 32, 32, 3), 11)

@@ -144,3 +144,67 @@ def test_objectives_must_train_a_known_network():
     config.train.loss_groups = 2
     with pytest.raises(ValueError, match="set train.loss_groups=1"):
         loop.setup(config)
+
+
+class Pretrained(ToyGanTask):
+    """ToyGanTask with released values for the encoder kernel, the critic and the EMA."""
+
+    values = None
+
+    def pretrained(self):
+        return Pretrained.values
+
+
+tasks.TASKS["toy_pretrained"] = "test_training_partners:Pretrained"
+
+
+def _first_state(config, workdir):
+    run = loop.setup(config)
+    checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint)
+    try:
+        return run, loop._initial_state(config, run, checkpointer, None)
+    finally:
+        checkpointer.close()
+
+
+def test_pretrained_values_start_a_fresh_run_and_init_from_takes_a_model_dir(tmp_path):
+    from tokenizers_jax import exported
+    from training_toy import PIXELS, WIDTH
+
+    config = toy_gan_config()
+    run, fresh = _first_state(config, str(tmp_path / "a"))
+    fresh = jax.device_get(fresh)
+    encoder = np.full((PIXELS, WIDTH), 0.5, np.float32)
+    critic = np.arange(PIXELS, dtype=np.float32)
+    Pretrained.values = tasks.Networks({"encoder": {"kernel": encoder}}, {"critic": {"w": critic}},
+                                       {"ema_real": np.float32(3.0)})
+    config.model.name = "toy_pretrained"
+    _, state = _first_state(config, str(tmp_path / "b"))
+    np.testing.assert_array_equal(state.params["encoder"]["kernel"], encoder)
+    np.testing.assert_array_equal(state.ema_params["encoder"]["kernel"], encoder)
+    np.testing.assert_allclose(state.reference_norms["encoder"]["kernel"],
+                               np.linalg.norm(encoder), rtol=1e-6)
+    np.testing.assert_array_equal(state.partner_params["critic"]["w"], critic)
+    assert float(state.variables["ema_real"]) == 3.0
+    decoder = state.params["decoder"]["double_blocks_0"]["kernel"]
+    np.testing.assert_array_equal(decoder, fresh.params["decoder"]["double_blocks_0"]["kernel"])
+    assert state.params["encoder"]["kernel"].sharding == run.shardings.params["encoder"]["kernel"]
+
+    # init_from a model directory: its params win over the pretrained model values.
+    model_dir = str(tmp_path / "release")
+    exported.save_model_dir(model_dir, config, jax.tree.map(lambda x: x + 1.0, fresh.params))
+    config.init_from = model_dir
+    _, state = _first_state(config, str(tmp_path / "c"))
+    np.testing.assert_array_equal(state.params["encoder"]["kernel"],
+                                  fresh.params["encoder"]["kernel"] + 1.0)
+    np.testing.assert_array_equal(state.partner_params["critic"]["w"], critic)
+
+    config.init_from = ""
+    Pretrained.values = tasks.Networks({"encoder": {"bias": encoder}}, None, None)
+    with pytest.raises(ValueError, match=r"params/encoder/bias'\], which the network does not "
+                                         r"have"):
+        _first_state(config, str(tmp_path / "d"))
+    Pretrained.values = tasks.Networks({"encoder": {"kernel": encoder[:2]}}, None, None)
+    with pytest.raises(ValueError, match=r"params/encoder/kernel has shape \(2, 16\), the "
+                                         r"network expects \(192, 16\)"):
+        _first_state(config, str(tmp_path / "e"))

@@ -22,7 +22,7 @@ import numpy as np
 
 from tokenizers_jax import api, layers
 from tokenizers_jax.detailflow_resolution import ResolutionMap
-from tokenizers_jax.layers import EMBED, IO, Dense
+from tokenizers_jax.layers import EMBED, IO, MLP, Dense
 from tokenizers_jax.models.siglip import SiglipViT, vit_from_config
 from tokenizers_jax.quantizers.vq import (
     VectorQuantizer,
@@ -162,8 +162,8 @@ class AlignmentHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.silu(Dense(self.hidden, kernel_axes=(IO, EMBED), dtype=self.dtype, name="fc1")(x))
-        x = nn.silu(Dense(self.hidden, kernel_axes=(EMBED, EMBED), dtype=self.dtype, name="fc2")(x))
-        return Dense(self.features, kernel_axes=(EMBED, EMBED), dtype=self.dtype, name="fc3")(x)
+        x = nn.silu(Dense(self.hidden, kernel_axes=(EMBED, MLP), dtype=self.dtype, name="fc2")(x))
+        return Dense(self.features, kernel_axes=(MLP, EMBED), dtype=self.dtype, name="fc3")(x)
 
 
 class SelfCorrection(NamedTuple):

@@ -21,6 +21,7 @@ are traced.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, NamedTuple, Sequence
 
@@ -232,7 +233,14 @@ def how_to_get(directory: str) -> str:
     )
 
 
-def load_dino_params(path: str | os.PathLike | None = None, allow_random_init: bool = False):
+def load_dino_params(path: str | os.PathLike | None = None, allow_random_init: bool = False,
+                     vit: DinoViT | None = None):
     """Converted DINO ViT-S/16 params; see `perceptual.common.load_weights` for the arguments
-    (default directory `$TOKENIZERS_JAX_WEIGHTS/dino_vits16` or ~/.cache/tokenizers_jax/...)."""
-    return load_weights(NAME, init_dino_params, how_to_get, path, allow_random_init)
+    (default directory `$TOKENIZERS_JAX_WEIGHTS/dino_vits16` or ~/.cache/tokenizers_jax/...).
+
+    Args:
+      vit: the trunk's shape (default ViT-S/16); the loaded params must fit it, and random
+        params are drawn for it (e.g. a small trunk for smoke tests).
+    """
+    init = functools.partial(init_dino_params, vit=vit)
+    return load_weights(NAME, init, how_to_get, path, allow_random_init)

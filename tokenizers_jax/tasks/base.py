@@ -8,6 +8,8 @@ micro-batch accumulation, optimizers, EMA, checkpoints, logging). What a task pr
              optimizers of their own (a GAN discriminator); `init_variables`: non-trained
              state that the step updates (LeCam EMAs, spectral-norm vectors, BatchNorm
              statistics). All three live in the train state and its checkpoints.
+             `pretrained`: released weights written over parts of them when a run starts
+             from scratch (e.g. DetailFlow's encoder from SigLIP2).
   optimizers `optimizer_configs`: one optimizer section per trained network.
   objectives `objectives`: the losses of a micro-batch in order, each differentiated with
              respect to one network at the state's current values. They run in sequence
@@ -109,6 +111,17 @@ class Task(abc.ABC):
         """All three, from one key (the model gets `key` itself)."""
         return Networks(self.init_params(key), self.init_partners(jax.random.fold_in(key, 1)),
                         self.init_variables(jax.random.fold_in(key, 2)))
+
+    def pretrained(self) -> Networks | None:
+        """Pretrained values for parts of a fresh run's networks, or None (the default).
+
+        Each field is a partial tree: nested dicts following the params' (or variables')
+        paths, with host arrays of the same shapes at the leaves to replace; paths left out
+        keep their fresh initialisation. The loop writes them over a run that starts from
+        scratch (not over a resumed one; the model part not over `init_from`'s params), as jit
+        arguments rather than compiled-in constants, so they may be large.
+        """
+        return None
 
     def optimizer_configs(self) -> dict[str, ml_collections.ConfigDict]:
         """Optimizer section per trained network (see `training.optimizer.default_optim_config`)."""

@@ -5,8 +5,9 @@
   add_evaluation(config.eval)                                 the evaluation job's fields
 
 Fields of the sections (a model adds its own fields to `train` through `train=`):
-  init_from           a workdir whose latest raw params start this run (used only when the
-                      workdir has no checkpoint of its own).
+  init_from           a workdir whose latest raw params start this run, or a model directory
+                      (e.g. a converted release); used only when the workdir has no
+                      checkpoint of its own.
   train.num_steps     updates to make; batch_size is global (over all devices/processes).
   train.grad_accum_steps  micro-batches per update (accumulated in a lax.scan).
   train.loss_groups   groups per micro-batch with their own batch statistics (e.g. FlowMo's

@@ -33,7 +33,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tokenizers_jax import tasks, timing
+from tokenizers_jax import exported, tasks, timing
 from tokenizers_jax.training import checkpoint as checkpoint_lib
 from tokenizers_jax.training import optimizer as optimizer_lib
 from tokenizers_jax.training import sharding as sharding_lib
@@ -276,17 +276,32 @@ def fresh_step(config: ml_collections.ConfigDict, local_batch: Any | None = None
                      compiler.compile_seconds[static], compiled)
 
 
+def _init_from_params(init_from: str, run: Setup) -> Any:
+    """The model params of `init_from`: a workdir's latest raw params, or a model directory's
+    (e.g. a converted release), placed in their sharded layout."""
+    abstract = abstract_state(run).params
+    if exported.is_model_dir(init_from):
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, run.shardings.params)
+        return exported.load_params(init_from, target)
+    return checkpoint_lib.restore_params(init_from, abstract, run.shardings.params, item="params")
+
+
 def _initial_state(config, run: Setup, checkpointer, train_iterator):
-    """Latest checkpoint in the workdir, else `init_from`'s model params, else a fresh init."""
+    """Latest checkpoint in the workdir, else a fresh state with `init_from`'s model params
+    and the task's pretrained parts (`Task.pretrained`), else a fresh init."""
     latest = checkpointer.latest_step()
     if latest is not None:
         return checkpointer.restore(latest, abstract_state(run), run.shardings, train_iterator)
-    params = None
-    if config.init_from:
-        params = checkpoint_lib.restore_params(
-            config.init_from, abstract_state(run).params, run.shardings.params, item="params")
-    return state_lib.create_state(run.task.init_networks, run.txs, run.shardings, config.seed,
-                                  params)
+    params = _init_from_params(config.init_from, run) if config.init_from else None
+    state = state_lib.create_state(run.task.init_networks, run.txs, run.shardings, config.seed,
+                                   params)
+    pretrained = run.task.pretrained()
+    if pretrained is not None:
+        if params is not None:
+            pretrained = pretrained._replace(params=None)
+        state = state_lib.with_pretrained(state, pretrained, run.shardings)
+    return state
 
 
 def input_pipelines(config) -> tuple[Iterator[Any], Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax
 import flax.linen as nn
@@ -142,3 +142,43 @@ def create_state(
         return state_from_networks(networks, r, txs)
 
     return jax.jit(init, out_shardings=shardings)(init_key, rng, params)
+
+
+def _overlay(fresh: Any, partial: Any, path: str) -> Any:
+    """`fresh` with the leaves present in the nested dict `partial` replaced (same shapes)."""
+    if isinstance(partial, Mapping):
+        if not isinstance(fresh, Mapping):
+            raise ValueError(f"pretrained value at {path or '/'}: expected an array, got a dict")
+        unknown = sorted(set(partial) - set(fresh))
+        if unknown:
+            raise ValueError(f"pretrained values for {[f'{path}/{k}' for k in unknown]}, which "
+                             f"the network does not have (it has {sorted(fresh)} at "
+                             f"{path or '/'})")
+        return {k: _overlay(v, partial[k], f"{path}/{k}") if k in partial else v
+                for k, v in fresh.items()}
+    if tuple(partial.shape) != tuple(fresh.shape):
+        raise ValueError(f"pretrained value at {path} has shape {tuple(partial.shape)}, the "
+                         f"network expects {tuple(fresh.shape)}")
+    return jnp.asarray(partial, fresh.dtype)
+
+
+def with_pretrained(state: TrainState, pretrained: Networks, shardings: TrainState) -> TrainState:
+    """A fresh state with `Task.pretrained` values written over its networks (jitted, with the
+    values as arguments; donates `state`). The EMA starts from the new params and the
+    reference norms are re-measured; optimizer states (zeros at step 0) are kept.
+
+    Raises:
+      ValueError: a pretrained path that the networks lack, or a shape that differs.
+    """
+
+    def overlay(s, values):
+        params = _overlay(s.params, values.params or {}, "params")
+        return s.replace(
+            params=params,
+            ema_params=jax.tree.map(jnp.copy, params),
+            reference_norms=optimizer_lib.frobenius_norms(params),
+            partner_params=_overlay(s.partner_params, values.partners or {}, "partners"),
+            variables=_overlay(s.variables, values.variables or {}, "variables"),
+        )
+
+    return jax.jit(overlay, out_shardings=shardings, donate_argnums=(0,))(state, pretrained)

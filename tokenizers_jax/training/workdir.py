@@ -42,6 +42,8 @@ RESUMABLE_FIELDS = (
     "data.worker_count",
     "data.read_threads",
     "train.perceptual_weights",  # where the converted perceptual weights live
+    "train.dino_weights",  # ... DetailFlow's discriminator trunk
+    "train.siglip2_weights",  # ... DetailFlow's teacher
 )
 
 _MAX_LISTED = 8
