@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from tokenizers_jax import augment, resize, tasks
-from tokenizers_jax.models import detailflow as df
 from tokenizers_jax.models import discriminator as disc
 from tokenizers_jax.perceptual import lpips
 from tokenizers_jax.quantizers.vq import draw_neighbour_ranks

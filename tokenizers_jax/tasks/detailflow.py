@@ -54,7 +54,6 @@ from tokenizers_jax.detailflow_resolution import (ResolutionMap, draw_noise_inde
 from tokenizers_jax.models import detailflow
 from tokenizers_jax.models import discriminator as disc
 from tokenizers_jax.models.dino import DinoViT, load_dino_params
-from tokenizers_jax.models.siglip import SiglipViT
 from tokenizers_jax.perceptual import common as perceptual_common
 from tokenizers_jax.perceptual import lpips
 from tokenizers_jax.quantizers.vq import draw_neighbour_ranks, l2_normalize
