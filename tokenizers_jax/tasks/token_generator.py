@@ -9,6 +9,7 @@ eval.every > 0). The tokenizer is loaded on first use and checked with `check_to
 
 from __future__ import annotations
 
+import abc
 import os
 from typing import Any
 
@@ -48,15 +49,15 @@ class TokenGeneratorTask(Task):
         self._tokenizer_path = self._resolve_tokenizer() if config.eval.every > 0 else ""
         self._tokenizer: api.Tokenizer | None = None
 
+    @abc.abstractmethod
     def check_export(self, path: str, manifest: dict[str, Any]) -> None:
         """Raises ValueError naming every mismatch unless the export fits the model."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def check_tokenizer_model(self, tokenizer_model: ml_collections.ConfigDict | dict,
                               what: str) -> None:
         """Raises ValueError unless a tokenizer's `model` config section makes this model's
         tokens; `what` names the tokenizer in the message."""
-        raise NotImplementedError
 
     def _resolve_tokenizer(self) -> str:
         """The tokenizer that decodes evaluation samples: eval.tokenizer, else the export's."""
