@@ -212,7 +212,8 @@ def test_optimizer_is_the_originals_adamw_groups_and_lambda_lr():
     o, steps = config.optim, config.train.num_steps
     assert (o.lr, o.b1, o.b2, o.weight_decay, o.clip_grad_norm) == (1e-4, 0.9, 0.95, 0.05, 1.0)
     assert o.schedule == "warmup_cosine" and o.warmup_steps == int(0.05 * steps)
-    assert o.warmup_init_lr == pytest.approx(0.005 * o.lr) and o.min_lr == pytest.approx(0.01 * o.lr)
+    assert o.warmup_init_lr == pytest.approx(0.005 * o.lr)
+    assert o.min_lr == pytest.approx(0.01 * o.lr)
     assert steps == 300 * (1_281_167 // 512) and config.train.ema_decay == 0.9999
     assert config.train.ema_every == 1 and config.train.correction_prob == 0.3
 
