@@ -33,7 +33,13 @@ weight decay 0.05 on every parameter of rank >= 2, lr 1e-4 with a linear warmup 
 steps from 0.005 * lr and a cosine to 0.01 * lr, gradient clipping 1.0, EMA 0.9999 every
 step, 300 ImageNet epochs; data from a DetailFlow token export (`data.name = "tokens"`,
 `data.path` its directory). `train.correction_prob`: probability of training a sample on its
-self-correction input / label channels instead of the clean tokens.
+self-correction input / label channels instead of the clean tokens. `eval.tokenizer`: the
+DetailFlow that decodes the periodic evaluation's samples ("" = the one recorded in the token
+export's manifest).
+
+    python -m tokenizers_jax.train --config=configs/detailflow_ar.py:tiny --workdir=runs/ar_tiny
+    python -m tokenizers_jax.train --config=configs/detailflow_ar.py --workdir=DIR \
+        --config.data.path=tokens/df16
 """
 
 import ml_collections
@@ -106,11 +112,13 @@ def add_training(config: ml_collections.ConfigDict, arg: str, batch_size: int):
         image_size=32 if arg == "tiny" else 256,
     )
     config.data.name = "tokens"
-    if arg == "tiny":  # a few CPU minutes on a tiny token export
-        num_steps = 200
+    config.eval.tokenizer = ""
+    if arg == "tiny":  # a few CPU minutes on tokens/detailflow_tiny (the README's export)
+        config.data.path = "tokens/detailflow_tiny"
+        num_steps = 1000
         config.train.update(num_steps=num_steps, ema_decay=0.99)
         config.optim.update(lr=3e-4, warmup_steps=int(0.05 * num_steps),
                             warmup_init_lr=0.005 * 3e-4, min_lr=0.01 * 3e-4)
-        config.checkpoint.update(every=100, keep=2, keep_every=0)
-        config.logging.every = 10
-        config.eval.update(every=100, batch_size=8)
+        config.checkpoint.update(every=500, keep=2, keep_every=0)
+        config.logging.every = 50
+        config.eval.update(every=500, batch_size=8, num_images=7)  # a crop of each photo

@@ -102,7 +102,7 @@ def assert_statistics(got, mean, cov):
 
 @pytest.fixture(scope="module")
 def reference(extractor, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("reference") / "photos.npz")
+    path = str(tmp_path_factory.mktemp("reference") / "new_directory" / "photos.npz")
     summary = ge.write_reference(photos_config(), path, extractor, progress=False)
     return path, summary
 

@@ -27,8 +27,9 @@ def _code_cells(path):
     return [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
 
 
-def test_the_tokenizer_notebooks_are_there():
-    assert {"flowmo_reconstruct.ipynb", "detailflow_coarse_to_fine.ipynb"} <= set(NOTEBOOK_IDS)
+def test_the_notebooks_are_there():
+    assert {"flowmo_reconstruct.ipynb", "detailflow_coarse_to_fine.ipynb",
+            "generate.ipynb"} <= set(NOTEBOOK_IDS)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NOTEBOOK_IDS)
@@ -58,7 +59,8 @@ def test_notebook_runs_top_to_bottom_with_tiny_settings(path, tmp_path, monkeypa
     # The kernel imports this checkout (as the test process does) and no user release.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    for name in ("TOKENIZERS_JAX_FLOWMO_RELEASE", "TOKENIZERS_JAX_DETAILFLOW_RELEASE"):
+    for name in ("TOKENIZERS_JAX_FLOWMO_RELEASE", "TOKENIZERS_JAX_DETAILFLOW_RELEASE",
+                 "TOKENIZERS_JAX_DETAILFLOW_GPT_RELEASE"):
         monkeypatch.delenv(name, raising=False)
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT_SECONDS, kernel_name="python3",

@@ -346,6 +346,7 @@ def write_reference(config: ml_collections.ConfigDict, output_path: str,
     extractor = extractor or InceptionExtractor.load()
     if os.path.exists(output_path):
         raise FileExistsError(f"{output_path} exists; choose a new output file")
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     batches, count = _reference_images(config, extractor.batch_size)
     if count < 2:
         raise ValueError(f"the {config.reference.split} split has {count} image(s); statistics "

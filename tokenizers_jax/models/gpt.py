@@ -341,6 +341,26 @@ def init_params(config: ml_collections.ConfigDict, key: jax.Array, abstract: boo
     return jax.eval_shape(init, key) if abstract else jax.jit(init)(key)
 
 
+def check_tokenizer_model(model: ml_collections.ConfigDict, tokenizer_model: Any,
+                          what: str) -> None:
+    """Raises ValueError naming every mismatch unless a tokenizer's `model` config section
+    (a ConfigDict or dict) makes the tokens this GPT config models; `what` names the
+    tokenizer in the message."""
+    t = tokenizer_model
+    if t.get("name") != "detailflow":
+        raise ValueError(f"the DetailFlow generator needs a DetailFlow tokenizer, got a "
+                         f"{t.get('name')!r} tokenizer ({what})")
+    pairs = (("codebook size", t["codebook_size"], "vocabulary", model.vocab_size),
+             ("tokens per image", t["num_latent_tokens"], "tokens", model.num_tokens),
+             ("group size", t["group_size"], "group size", model.group_size))
+    problems = [f"{name} {theirs} (generator {ours_name} {ours})"
+                for name, theirs, ours_name, ours in pairs if theirs != ours]
+    if problems:
+        raise ValueError(f"{what} does not fit this generator: its " + ", ".join(problems)
+                         + "; pair a DetailFlow tokenizer with the GPT config of its sizes "
+                         "(DetailFlow-16/32/64 with df16/df32/df64)")
+
+
 # --------------------------------------------------------------------------- generator
 
 
@@ -373,19 +393,7 @@ class DetailFlowGenerator(api.Generator):
                                                 "return_logits"))
 
     def check_tokenizer(self, tokenizer: api.Tokenizer) -> None:
-        m, t = self.config.model, tokenizer.config.model
-        if t.get("name") != "detailflow":
-            raise ValueError(f"the DetailFlow generator needs a DetailFlow tokenizer, got a "
-                             f"{t.get('name')!r} tokenizer")
-        pairs = (("codebook size", t.codebook_size, "vocabulary", m.vocab_size),
-                 ("tokens per image", t.num_latent_tokens, "tokens", m.num_tokens),
-                 ("group size", t.group_size, "group size", m.group_size))
-        problems = [f"{what} {theirs} (generator {ours_name} {ours})"
-                    for what, theirs, ours_name, ours in pairs if theirs != ours]
-        if problems:
-            raise ValueError("the tokenizer does not fit this generator: its "
-                             + ", ".join(problems) + "; load the tokenizer the generator was "
-                             "trained on (DetailFlow-16/32/64 with the matching GPT)")
+        check_tokenizer_model(self.config.model, tokenizer.config.model, "the tokenizer")
 
     def generate(self, labels: Any, seed: int = 0, first_index: int = 0,
                  **sampling_overrides) -> jax.Array:

@@ -10,6 +10,7 @@ from tokenizers_jax.tasks.base import MODEL, LossOutput, Networks, Objective, St
 
 # model.name -> "module:class".
 TASKS = {
+    "detailflow_ar": "tokenizers_jax.tasks.detailflow_ar:DetailFlowARTask",
     "flowmo": "tokenizers_jax.tasks.flowmo:FlowMoTask",
     "detailflow": "tokenizers_jax.tasks.detailflow:DetailFlowTask",
     "maskgit": "tokenizers_jax.tasks.maskgit:MaskGITTask",

@@ -16,7 +16,6 @@ samples generated for their labels (`config.sampler`).
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -25,12 +24,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from tokenizers_jax import api, sampling
+from tokenizers_jax import sampling
 from tokenizers_jax.data import tokens as token_data
 from tokenizers_jax.models import flowmo, maskgit
 from tokenizers_jax.models.maskgit_sampler import MASK_SCHEDULES, SamplerConfig, mask_ratio
 from tokenizers_jax.quantizers import lfq
-from tokenizers_jax.tasks.base import Batch, Params, Task
+from tokenizers_jax.tasks.base import Batch, Params
+from tokenizers_jax.tasks.token_generator import TokenGeneratorTask
 
 MASK_METHODS = ("bernoulli", "exact_count")
 
@@ -93,13 +93,13 @@ def token_loss(logits: jax.Array, targets: jax.Array, masked: jax.Array,
         mask_ratio=jnp.mean(masked_f))
 
 
-class MaskGITTask(Task):
+class MaskGITTask(TokenGeneratorTask):
     """MaskGIT: params of `models.maskgit.MaskGIT`; batches of exported FlowMo tokens."""
 
+    title = "MaskGIT"
+
     def __init__(self, config: ml_collections.ConfigDict):
-        super().__init__(config)
         self.model = maskgit.build_model(config)
-        c = self.model.config
         self.sampler = SamplerConfig.from_config(config.sampler)
         if config.masking.schedule not in MASK_SCHEDULES:
             raise ValueError(f"masking.schedule={config.masking.schedule!r}; choose one of "
@@ -109,49 +109,18 @@ class MaskGITTask(Task):
                              f"{MASK_METHODS}")
         if config.loss.unmasked_weight < 0 or not 0 <= config.loss.label_drop < 1:
             raise ValueError("loss.unmasked_weight must be >= 0 and loss.label_drop in [0, 1)")
-        if config.data.name != "tokens":
-            raise ValueError(f"MaskGIT trains on exported FlowMo tokens, not data.name="
-                             f"{config.data.name!r}: set --config.data.name=tokens "
-                             "--config.data.path=DIR (python -m tokenizers_jax.export_tokens)")
-        if not config.data.path:
-            raise ValueError("MaskGIT trains on a token export: set --config.data.path=DIR "
-                             "(written by python -m tokenizers_jax.export_tokens)")
-        manifests = {path: token_data.load_manifest(path)
-                     for path in (config.data.path, config.data.eval_path) if path}
-        for path, manifest in manifests.items():
-            token_data.check_manifest(manifest, tokens_per_image=c.num_units,
-                                      codebook_size=c.codebook_size, kind="flowmo_lfq",
-                                      num_classes=c.num_classes,
-                                      where="the MaskGIT config (model.*)")
-            maskgit.check_flowmo_model(c, manifest["tokenizer_config"]["model"],
-                                       f"the FlowMo of token export {path}")
-        self._tokenizer_path = ""
-        if config.eval.every > 0:
-            self._tokenizer_path = self._resolve_tokenizer(config, manifests)
-        self._tokenizer: api.Tokenizer | None = None
+        super().__init__(config)
 
-    @staticmethod
-    def _resolve_tokenizer(config, manifests) -> str:
-        """The FlowMo that decodes evaluation samples: eval.tokenizer, else the export's."""
-        if config.eval.tokenizer:
-            return config.eval.tokenizer
-        recorded = [m["tokenizer"]["path"] for m in manifests.values()]
-        if recorded and os.path.isdir(recorded[0]):
-            return recorded[0]
-        where = f" (the token export names {recorded[0]}, which is gone)" if recorded else ""
-        raise ValueError(f"the evaluation decodes samples with the FlowMo tokenizer, but none "
-                         f"was found{where}: pass --config.eval.tokenizer=DIR, or "
-                         "--config.eval.every=0 to train without evaluation")
+    def check_export(self, path, manifest):
+        c = self.model.config
+        token_data.check_manifest(manifest, tokens_per_image=c.num_units,
+                                  codebook_size=c.codebook_size, kind="flowmo_lfq",
+                                  num_classes=c.num_classes, where="the MaskGIT config (model.*)")
+        self.check_tokenizer_model(manifest["tokenizer_config"]["model"],
+                                   f"the FlowMo of token export {path}")
 
-    @property
-    def tokenizer(self) -> api.Tokenizer:
-        """The FlowMo tokenizer of the evaluation (loaded once, checked against the config)."""
-        if self._tokenizer is None:
-            tokenizer = api.load_tokenizer(self._tokenizer_path)
-            maskgit.check_flowmo_model(self.model.config, tokenizer.config.model,
-                                       f"the tokenizer {self._tokenizer_path}")
-            self._tokenizer = tokenizer
-        return self._tokenizer
+    def check_tokenizer_model(self, tokenizer_model, what):
+        maskgit.check_flowmo_model(self.model.config, tokenizer_model, what)
 
     def init_params(self, key: jax.Array) -> Params:
         return self.model.init(key, *self.model.dummy_inputs(1))["params"]
@@ -159,7 +128,7 @@ class MaskGITTask(Task):
     @property
     def constants(self) -> Any:
         """The FlowMo decoder params when the run evaluates (only the decoder is needed)."""
-        if not self._tokenizer_path:
+        if not self.evaluates:
             return {}
         return {"flowmo_decoder": self.tokenizer.params["decoder"]}
 
@@ -215,8 +184,3 @@ class MaskGITTask(Task):
         rng = np.random.default_rng(0)
         return {"tokens": rng.integers(0, c.codebook_size, (batch_size, c.num_units), np.int32),
                 "label": rng.integers(0, c.num_classes, (batch_size,), np.int32)}
-
-    @staticmethod
-    def batch_images(batch: Batch) -> None:
-        """Token batches have no input images (the grid rows come from `evaluate`)."""
-        return None
